@@ -1,0 +1,343 @@
+"""Multiply-accumulate and parameter counts from shapes alone.
+
+Counts what the matrix-multiplying ops cost at concrete input shapes: MatMul (broadcast batch dims, 1-D
+operands, attention score and context products included), Gemm (transA/transB), Conv and ConvTranspose
+(groups, any spatial rank). Elementwise ops, normalisations and softmax are not counted: they are the
+part of the runtime a collapse does not shrink, and the bench report shows them separately.
+
+Only dims are read, never tensor data, so a model loaded with `load_external_data=False` works, and a
+model whose proto would exceed 2 GB works too: shape inference runs on a skeleton copy in which every
+large or external initializer (and every large float `Constant`) is replaced by a graph input of the
+same type and shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import onnx
+from onnx import TensorProto, helper
+
+from lc_onnx.errors import UserError
+
+__all__ = ["count_macs", "count_params", "infer_shapes", "macs_by_node"]
+
+logger = logging.getLogger(__name__)
+
+_FLOAT_TYPES = frozenset(
+    t
+    for t in (
+        TensorProto.FLOAT,
+        TensorProto.DOUBLE,
+        TensorProto.FLOAT16,
+        TensorProto.BFLOAT16,
+        getattr(TensorProto, "FLOAT8E4M3FN", None),
+        getattr(TensorProto, "FLOAT8E4M3FNUZ", None),
+        getattr(TensorProto, "FLOAT8E5M2", None),
+        getattr(TensorProto, "FLOAT8E5M2FNUZ", None),
+        getattr(TensorProto, "FLOAT4E2M1", None),
+    )
+    if t is not None
+)
+
+# Initializers up to this many elements keep their data in the skeleton: shape tensors for Reshape,
+# Expand, Slice and friends are tiny, and data propagation needs their values.
+_KEEP_DATA_MAX_ELEMENTS = 4096
+
+Shape = list  # list[int | None]; None is a dim shape inference could not pin down.
+
+
+def _numel(dims: Iterable[int]) -> int:
+    return math.prod(int(d) for d in dims)
+
+
+def _is_external(tensor: TensorProto) -> bool:
+    return tensor.data_location == TensorProto.EXTERNAL
+
+
+def count_params(model: onnx.ModelProto) -> int:
+    """Number of floating-point weights in the main graph, read from dims only.
+
+    Counts every floating-point initializer and every floating-point tensor held by a `Constant` node of
+    the main graph (`value`, `value_float`, `value_floats`). Integer tensors (shapes, indices) and
+    subgraphs of control-flow ops are not counted.
+    """
+    graph = model.graph
+    total = sum(_numel(t.dims) for t in graph.initializer if t.data_type in _FLOAT_TYPES)
+    for node in graph.node:
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+            continue
+        for attr in node.attribute:
+            if attr.name == "value" and attr.t.data_type in _FLOAT_TYPES:
+                total += _numel(attr.t.dims)
+            elif attr.name == "value_float":
+                total += 1
+            elif attr.name == "value_floats":
+                total += len(attr.floats)
+    return total
+
+
+def _input_dims(value: onnx.ValueInfoProto, override: Sequence[int] | None) -> tuple[int, list[int]] | None:
+    ttype = value.type.tensor_type
+    if not value.type.HasField("tensor_type"):
+        return None
+    static = [d.dim_value if d.HasField("dim_value") else 1 for d in ttype.shape.dim]
+    if override is None:
+        return ttype.elem_type, static
+    dims = [int(d) for d in override]
+    if ttype.HasField("shape") and len(dims) != len(static):
+        raise UserError(
+            f"input {value.name!r} has rank {len(static)}, but input_shapes gives {len(dims)} dims {dims}"
+        )
+    for d, known in zip(dims, ttype.shape.dim, strict=False):
+        if d < 0:
+            raise UserError(f"input {value.name!r}: negative dim {d} in input_shapes")
+        if known.HasField("dim_value") and known.dim_value != d:
+            raise UserError(
+                f"input {value.name!r} has a fixed dim {known.dim_value}, but input_shapes gives {d}"
+            )
+    return ttype.elem_type, dims
+
+
+def _skeleton(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
+    """A data-free copy of the model with concrete input dims, small enough to serialise."""
+    src = model.graph
+    init_names = {t.name for t in src.initializer}
+    real_inputs = [v for v in src.input if v.name not in init_names]
+    unknown = sorted(set(input_shapes) - {v.name for v in real_inputs})
+    if unknown:
+        names = ", ".join(v.name for v in real_inputs)
+        raise UserError(f"input_shapes names {unknown[0]!r}, which is not a graph input (inputs: {names})")
+
+    graph = onnx.GraphProto(name=src.name)
+    for value in real_inputs:
+        typed = _input_dims(value, input_shapes.get(value.name))
+        if typed is None:
+            graph.input.append(value)
+        else:
+            graph.input.append(helper.make_tensor_value_info(value.name, *typed))
+    for tensor in src.initializer:
+        if _is_external(tensor) or _numel(tensor.dims) > _KEEP_DATA_MAX_ELEMENTS:
+            graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+        else:
+            graph.initializer.append(tensor)
+    for node in src.node:
+        big = _big_constant(node)
+        if big is None:
+            graph.node.append(node)
+        else:
+            graph.input.append(helper.make_tensor_value_info(node.output[0], big.data_type, big.dims))
+    for value in src.output:
+        elem = value.type.tensor_type.elem_type if value.type.HasField("tensor_type") else 0
+        graph.output.append(helper.make_tensor_value_info(value.name, elem, None))
+
+    skeleton = onnx.ModelProto(
+        ir_version=model.ir_version,
+        opset_import=model.opset_import,
+        graph=graph,
+        functions=model.functions,
+    )
+    if skeleton.functions:
+        try:
+            skeleton = onnx.inliner.inline_local_functions(skeleton)
+        except Exception as exc:  # a malformed function must not stop the count
+            logger.warning("could not inline local functions (%s); their MACs are not counted", exc)
+    return skeleton
+
+
+def _big_constant(node: onnx.NodeProto) -> TensorProto | None:
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+        return None
+    for attr in node.attribute:
+        if attr.name == "value" and (_is_external(attr.t) or _numel(attr.t.dims) > _KEEP_DATA_MAX_ELEMENTS):
+            return attr.t
+    return None
+
+
+def _shape_of(value: onnx.ValueInfoProto) -> Shape | None:
+    if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+
+
+def infer_shapes(
+    model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None
+) -> tuple[onnx.GraphProto, dict[str, Shape]]:
+    """Shapes of every value at concrete input dims, without touching tensor data.
+
+    Args:
+        model: the model; its initializers may lack their data.
+        input_shapes: concrete dims per graph input name. Inputs not named use their static dims, with
+            every symbolic dim set to 1.
+
+    Returns:
+        The graph whose nodes the shapes describe (local functions inlined) and a map from value name to
+        its dims, where a dim shape inference could not determine is `None`.
+
+    Raises:
+        UserError: `input_shapes` names a value that is not a graph input, or gives a wrong rank.
+    """
+    skeleton = _skeleton(model, input_shapes or {})
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
+    except Exception as exc:  # inference bugs on exotic graphs: count what the inputs alone give
+        logger.warning("shape inference failed (%s); MACs of ops with unknown shapes are not counted", exc)
+        inferred = skeleton
+    shapes: dict[str, Shape] = {}
+    for value in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
+        shape = _shape_of(value)
+        if shape is not None:
+            shapes[value.name] = shape
+    for tensor in model.graph.initializer:
+        shapes[tensor.name] = [int(d) for d in tensor.dims]
+    for node in inferred.graph.node:
+        _collect_subgraph_shapes(node, shapes)
+    return inferred.graph, shapes
+
+
+def _collect_subgraph_shapes(node: onnx.NodeProto, shapes: dict[str, Shape]) -> None:
+    for attr in node.attribute:
+        for sub in (attr.g,) if attr.HasField("g") else attr.graphs:
+            for value in (*sub.input, *sub.value_info, *sub.output):
+                shape = _shape_of(value)
+                if shape is not None:
+                    shapes.setdefault(value.name, shape)
+            for tensor in sub.initializer:
+                shapes.setdefault(tensor.name, [int(d) for d in tensor.dims])
+            for inner in sub.node:
+                _collect_subgraph_shapes(inner, shapes)
+
+
+def _known(*shapes: Shape | None) -> bool:
+    return all(s is not None and None not in s for s in shapes)
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default
+
+
+def _matmul_macs(a: Shape, b: Shape) -> int:
+    a_mat = [1, a[0]] if len(a) == 1 else a[-2:]
+    b_mat = [b[0], 1] if len(b) == 1 else b[-2:]
+    batch_a, batch_b = a[:-2], b[:-2]
+    rank = max(len(batch_a), len(batch_b))
+    batch_a = [1] * (rank - len(batch_a)) + list(batch_a)
+    batch_b = [1] * (rank - len(batch_b)) + list(batch_b)
+    batch = math.prod(max(x, y) if min(x, y) != 0 else 0 for x, y in zip(batch_a, batch_b, strict=True))
+    return batch * a_mat[0] * a_mat[1] * b_mat[1]
+
+
+def _gemm_macs(node: onnx.NodeProto, a: Shape, b: Shape) -> int:
+    m, k = (a[1], a[0]) if _attr(node, "transA", 0) else (a[0], a[1])
+    n = b[0] if _attr(node, "transB", 0) else b[1]
+    return m * k * n
+
+
+def _conv_out_spatial(node: onnx.NodeProto, x: Shape, w: Shape) -> list[int]:
+    spatial = x[2:]
+    kernel = list(_attr(node, "kernel_shape", w[2:]))
+    rank = len(spatial)
+    strides = list(_attr(node, "strides", [1] * rank))
+    dilations = list(_attr(node, "dilations", [1] * rank))
+    pads = list(_attr(node, "pads", [0] * (2 * rank)))
+    auto_pad = _attr(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    out = []
+    for i in range(rank):
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            out.append(-(-spatial[i] // strides[i]))
+            continue
+        extent = dilations[i] * (kernel[i] - 1) + 1
+        out.append((spatial[i] + pads[i] + pads[i + rank] - extent) // strides[i] + 1)
+    return out
+
+
+def _conv_macs(node: onnx.NodeProto, x: Shape, w: Shape, y: Shape | None) -> int:
+    # w: [C_out, C_in / groups, *kernel]; each output element reads C_in / groups * prod(kernel) inputs.
+    out_spatial = y[2:] if _known(y) and len(y) == len(x) else _conv_out_spatial(node, x, w)
+    return x[0] * w[0] * math.prod(out_spatial) * w[1] * math.prod(w[2:])
+
+
+def _conv_transpose_macs(x: Shape, w: Shape) -> int:
+    # w: [C_in, C_out / groups, *kernel]; each input element scatters into C_out / groups * prod(kernel).
+    return x[0] * w[0] * math.prod(x[2:]) * w[1] * math.prod(w[2:])
+
+
+def _node_macs(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> int | None:
+    """MACs of one node, 0 for ops that are not counted, None when a needed shape is unknown."""
+    if node.domain not in ("", "ai.onnx"):
+        return 0
+    op = node.op_type
+    if op not in ("MatMul", "Gemm", "Conv", "ConvTranspose"):
+        return 0
+    a, b = (shapes.get(name) for name in node.input[:2])
+    if not _known(a, b):
+        return None
+    if op == "MatMul":
+        return _matmul_macs(a, b)
+    if op == "Gemm":
+        return _gemm_macs(node, a, b)
+    if op == "Conv":
+        return _conv_macs(node, a, b, shapes.get(node.output[0]))
+    return _conv_transpose_macs(a, b)
+
+
+def _walk(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in (attr.g,) if attr.HasField("g") else attr.graphs:
+                yield from _walk(sub)
+
+
+def macs_by_node(
+    model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None
+) -> dict[str, int]:
+    """MACs of every MatMul, Gemm, Conv and ConvTranspose node, keyed by node name.
+
+    Unnamed nodes are keyed `"<op_type>_<index>"`. Nodes inside control-flow subgraphs are counted once
+    (a Loop body is not multiplied by its trip count). Nodes whose operand shapes stay unknown after
+    shape inference are left out with one warning.
+
+    Args:
+        model: the model; only dims are read, so external data need not be loaded.
+        input_shapes: concrete dims per graph input name; see `infer_shapes`.
+    """
+    graph, shapes = infer_shapes(model, input_shapes)
+    result: dict[str, int] = {}
+    unknown: list[str] = []
+    for index, node in enumerate(_walk(graph)):
+        macs = _node_macs(node, shapes)
+        key = node.name or f"{node.op_type}_{index}"
+        if key in result:
+            key = f"{key}_{index}"
+        if macs is None:
+            unknown.append(key)
+        elif macs or node.op_type in ("MatMul", "Gemm", "Conv", "ConvTranspose"):
+            result[key] = macs
+    if unknown:
+        logger.warning(
+            "%d matmul/conv node(s) have unknown operand shapes and are not counted, e.g. %s",
+            len(unknown),
+            unknown[0],
+        )
+    return result
+
+
+def count_macs(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None) -> int:
+    """Total multiply-accumulates of the model's MatMul, Gemm and Conv nodes at concrete input shapes.
+
+    Args:
+        model: the model; only dims are read, so external data need not be loaded.
+        input_shapes: concrete dims per graph input name. Inputs not named use their static dims, with
+            every symbolic dim set to 1.
+
+    Raises:
+        UserError: `input_shapes` names a value that is not a graph input, or gives a wrong rank.
+    """
+    return sum(macs_by_node(model, input_shapes).values())
