@@ -1,0 +1,272 @@
+"""The interleaved latency runner for onnxruntime's CPU and CUDA providers.
+
+Every model gets the same session options (graph optimisation `ORT_ENABLE_ALL`, the fair baseline since
+onnxruntime fuses some ops itself; fixed intra-op threads; one inter-op thread; sequential execution) and
+the same random feeds. Runs are interleaved A B A B ... so that drift of the machine (clock, thermals,
+other processes) hits every model alike. On CUDA, inputs and outputs live on the device through I/O
+binding and each timed run ends with a device synchronisation, so the time is the GPU's, not the launch's.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from lc_onnx.errors import UserError
+from lc_onnx.macs import count_macs
+
+__all__ = ["BatchRun", "BenchConfig", "Timing", "bench_models", "make_feeds", "make_session"]
+
+logger = logging.getLogger(__name__)
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+_NUMPY_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """How to time: provider (`cpu` or `cuda`), batch sizes, intra-op threads, timed and warm-up runs."""
+
+    provider: str = "cpu"
+    batches: tuple[int, ...] = (1, 8, 32)
+    threads: int = 2
+    runs: int = 50
+    warmup: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.provider not in PROVIDERS:
+            raise UserError(f"unknown provider {self.provider!r}; choose from {', '.join(PROVIDERS)}")
+        if not self.batches or min(self.batches) < 1:
+            raise UserError(f"batch sizes must be positive integers, got {list(self.batches)}")
+        if self.threads < 1 or self.runs < 1 or self.warmup < 0:
+            raise UserError("--threads and --runs must be at least 1 and --warmup at least 0")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Latency statistics of one model at one batch size, in milliseconds."""
+
+    ms_median: float
+    ms_p90: float
+    ms_p99: float
+    throughput: float  # samples (batch items) per second at the median latency
+    samples_ms: tuple[float, ...] = field(repr=False, default=())
+
+    @classmethod
+    def from_samples(cls, samples_ms: Sequence[float], batch: int) -> Timing:
+        arr = np.asarray(samples_ms, dtype=np.float64)
+        median = float(np.median(arr))
+        return cls(
+            ms_median=median,
+            ms_p90=float(np.percentile(arr, 90)),
+            ms_p99=float(np.percentile(arr, 99)),
+            throughput=batch * 1000.0 / median,
+            samples_ms=tuple(float(x) for x in arr),
+        )
+
+
+@dataclass(frozen=True)
+class BatchRun:
+    """All models timed at one batch size; `timings` and `macs` are keyed like the models given."""
+
+    provider: str
+    batch: int
+    timings: dict[str, Timing]
+    macs: dict[str, int]
+
+
+def _session_options(threads: int, profile_prefix: str | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    return options
+
+
+def check_provider(provider: str) -> None:
+    """Raise a one-line `UserError` unless this onnxruntime build offers the provider."""
+    import onnxruntime as ort
+
+    name = PROVIDERS[provider]
+    available = ort.get_available_providers()
+    if name not in available:
+        raise UserError(
+            f"{name} is not available in this onnxruntime {ort.__version__} build "
+            f"(available: {', '.join(available)}); install onnxruntime-gpu with a matching CUDA"
+        )
+
+
+def make_session(path: Path, provider: str, threads: int, profile_prefix: str | None = None):
+    """An `InferenceSession` with the benchmark's fixed options on exactly the requested provider."""
+    import onnxruntime as ort
+
+    check_provider(provider)
+    name = PROVIDERS[provider]
+    try:
+        session = ort.InferenceSession(
+            str(path), sess_options=_session_options(threads, profile_prefix), providers=[name]
+        )
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types for bad files
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"onnxruntime cannot load {path}: {message}") from exc
+    if session.get_providers()[0] != name:
+        # The CUDA provider falls back to CPU silently when its libraries fail to load.
+        raise UserError(f"{name} failed to initialise for {path} (session runs on {session.get_providers()})")
+    return session
+
+
+def _input_signature(session) -> list[tuple[str, list[int | str | None], str]]:
+    return [(i.name, list(i.shape), i.type) for i in session.get_inputs()]
+
+
+def make_feeds(session, batch: int, seed: int) -> dict[str, np.ndarray]:
+    """Random inputs at `batch`: the leading dim takes the batch, other symbolic dims are 1.
+
+    Raises:
+        UserError: a leading dim is fixed to another value, or an input type cannot be generated.
+    """
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for name, shape, type_ in _input_signature(session):
+        dims = []
+        for axis, dim in enumerate(shape):
+            if isinstance(dim, int) and dim >= 0:
+                if axis == 0 and dim != batch:
+                    raise UserError(
+                        f"input {name!r} has a fixed batch dim {dim}; it cannot run at batch {batch}"
+                    )
+                dims.append(dim)
+            elif axis == 0:
+                dims.append(batch)
+            else:
+                logger.info("input %s: symbolic dim %s set to 1", name, dim)
+                dims.append(1)
+        dtype = _NUMPY_TYPES.get(type_)
+        if dtype is None:
+            raise UserError(f"input {name!r} has type {type_}, which the benchmark cannot generate")
+        if np.issubdtype(dtype, np.floating):
+            feeds[name] = rng.standard_normal(dims).astype(dtype)
+        else:
+            feeds[name] = np.zeros(dims, dtype=dtype)
+    return feeds
+
+
+def _cpu_runner(session, feeds: Mapping[str, np.ndarray]) -> Callable[[], float]:
+    output_names = [o.name for o in session.get_outputs()]
+
+    def run() -> float:
+        start = time.perf_counter()
+        session.run(output_names, feeds)
+        return (time.perf_counter() - start) * 1000.0
+
+    return run
+
+
+def _cuda_runner(session, feeds: Mapping[str, np.ndarray]) -> Callable[[], float]:
+    import onnxruntime as ort
+
+    binding = session.io_binding()
+    # Kept referenced: the binding does not own the device buffers.
+    device_inputs = {name: ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0) for name, x in feeds.items()}
+    for name, value in device_inputs.items():
+        binding.bind_ortvalue_input(name, value)
+    for output in session.get_outputs():
+        binding.bind_output(output.name, "cuda", 0)
+
+    def run() -> float:
+        binding.synchronize_inputs()
+        start = time.perf_counter()
+        session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        return (time.perf_counter() - start) * 1000.0
+
+    run.device_inputs = device_inputs  # type: ignore[attr-defined]
+    return run
+
+
+def load_graph(path: Path) -> onnx.ModelProto:
+    """The model's graph without tensor data (enough for MAC counting), or a one-line `UserError`."""
+    if not path.is_file():
+        raise UserError(f"no such model file: {path}")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise UserError(f"{path} is not a readable ONNX model ({type(exc).__name__})") from exc
+
+
+def bench_models(
+    models: Mapping[str, Path],
+    config: BenchConfig,
+    progress: Callable[[int], None] | None = None,
+) -> list[BatchRun]:
+    """Time every model at every batch size, interleaved, on identical feeds.
+
+    Args:
+        models: label -> model path, in the order each round runs them; the first is the baseline.
+        config: provider, batch sizes, threads and run counts.
+        progress: called with the number of rounds just finished (for a progress bar).
+
+    Returns:
+        One `BatchRun` per batch size, in the order of `config.batches`.
+
+    Raises:
+        UserError: a model cannot be read or loaded, the models' inputs differ, or the provider is
+            unavailable.
+    """
+    check_provider(config.provider)
+    graphs = {label: load_graph(Path(path)) for label, path in models.items()}
+    sessions = {label: make_session(Path(p), config.provider, config.threads) for label, p in models.items()}
+    labels = list(models)
+    reference = _input_signature(sessions[labels[0]])
+    for label in labels[1:]:
+        if [(n, t) for n, _, t in _input_signature(sessions[label])] != [(n, t) for n, _, t in reference]:
+            raise UserError(
+                f"{models[label]} and {models[labels[0]]} have different inputs; a benchmark needs the same"
+            )
+
+    results = []
+    for batch in config.batches:
+        # Each model's own fixed dims must admit the batch; all then share the first model's arrays.
+        feeds = [make_feeds(sessions[label], batch, config.seed) for label in labels][0]
+        shapes = {name: list(x.shape) for name, x in feeds.items()}
+        macs = {label: count_macs(graphs[label], shapes) for label in labels}
+        make_runner = _cuda_runner if config.provider == "cuda" else _cpu_runner
+        runners = {label: make_runner(sessions[label], feeds) for label in labels}
+        samples: dict[str, list[float]] = {label: [] for label in labels}
+        for round_index in range(config.warmup + config.runs):
+            for label in labels:
+                elapsed = runners[label]()
+                if round_index >= config.warmup:
+                    samples[label].append(elapsed)
+            if progress is not None:
+                progress(1)
+        timings = {label: Timing.from_samples(samples[label], batch) for label in labels}
+        results.append(BatchRun(config.provider, batch, timings, macs))
+        logger.info(
+            "batch %d: %s",
+            batch,
+            ", ".join(f"{label} {t.ms_median:.3f} ms" for label, t in timings.items()),
+        )
+    return results
