@@ -1,0 +1,265 @@
+"""Deciding, per site, to collapse or skip, with a reason.
+
+An activation is collapsible when every step is affine on the data: Identity/Dropout exactly, BatchNorm
+exactly (on rank-2 tensors, where its channel axis is the feature axis), PRelu/LeakyRelu when every slope
+is within `threshold` of 1 (then treated as the identity — the reference implementation's rule), and any
+step for which a calibration fit `a ⊙ h + c` is given.
+
+Linear layers joined by collapsible sites form chains; each chain is cut into the segments that minimise
+the weight count (`d_in·d_out` for a collapsed segment against `Σ d_i·d_{i+1}` kept), so a bottleneck
+(`d_in·d_out >= d_h·(d_in+d_out)`) is never collapsed unless `allow_growth`. A site whose activation
+feeds several linear layers (fan-out) gives each of them its own composed layer when that shrinks the
+weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from lc_onnx import algebra
+from lc_onnx.algebra import Affine, ChannelAffine
+from lc_onnx.sites import Constants, Linear, Site, rank_of
+
+
+@dataclass(frozen=True)
+class Options:
+    """What `decide` needs besides the graph. `fits` maps a step's key to its fitted affine map."""
+
+    threshold: float = 0.05
+    allow_growth: bool = False
+    fits: Mapping[str, ChannelAffine] | None = None
+
+
+@dataclass(frozen=True)
+class Head:
+    """One output layer of a collapse and the single layer that replaces everything up to it."""
+
+    layer: Linear
+    result: Affine
+    with_bias: bool
+
+
+@dataclass(frozen=True)
+class Collapse:
+    """`chain[0] -> ... -> chain[-1] -> act -> head` for every head, as one layer per head."""
+
+    chain: tuple[Linear, ...]
+    heads: tuple[Head, ...]
+    sites: tuple[Site, ...]
+    exact: bool
+    params_before: int
+    params_after: int
+
+    @property
+    def activation(self) -> str:
+        return ";".join(site.activation for site in self.sites)
+
+    def node_names(self) -> list[str]:
+        names: list[str] = []
+        for site in self.sites:
+            names += [n for n in site.node_names() if n not in names]
+        return names
+
+
+@dataclass(frozen=True)
+class Skip:
+    site: Site
+    reason: str
+    params: int
+
+
+@dataclass(frozen=True)
+class _Ready:
+    site: Site
+    act: ChannelAffine
+    exact: bool
+
+
+def activation_affine(site: Site, constants: Constants, options: Options) -> tuple[ChannelAffine, bool] | str:
+    """The site's activation as one `a ⊙ h + c` and whether it is exact, or the reason it is not linear."""
+    d_h = site.producer.shape(constants)[1]
+    for consumer in site.consumers:
+        if consumer.shape(constants)[0] != d_h:
+            return f"{consumer.name} expects {consumer.shape(constants)[0]} features, {site.producer.name} gives {d_h}"
+    fits = options.fits or {}
+    parts: list[ChannelAffine] = []
+    exact = True
+    for step in site.steps:
+        if step.key in fits:
+            parts.append(algebra.channel_affine(fits[step.key].scale, fits[step.key].shift, d_h))
+            exact = False
+        elif step.kind == "identity":
+            parts.append(ChannelAffine.identity(d_h))
+        elif step.kind == "slope":
+            slopes = step.slopes(constants)
+            worst = float(np.max(np.abs(slopes - 1.0))) if slopes.size else 0.0
+            if worst > options.threshold:
+                return (
+                    f"{step.op} {step.key}: slopes {slopes.min():.4g}..{slopes.max():.4g} are not within "
+                    f"{options.threshold:g} of 1"
+                )
+            parts.append(ChannelAffine.identity(d_h))
+            exact = exact and worst == 0.0
+        elif step.kind == "batchnorm":
+            rank = 2 if site.producer.is_gemm else rank_of(site.producer.input)
+            if rank != 2:
+                return (
+                    f"BatchNormalization {step.key} normalises axis 1 of a rank-{rank or '?'} tensor, "
+                    "not the feature axis"
+                )
+            scale, bias, mean, var = (constants.value(t) for t in step.node.inputs[1:5])
+            try:
+                bn = algebra.batchnorm(scale, bias, mean, var, step.node.attrs.get("epsilon", 1e-5))
+                parts.append(algebra.channel_affine(bn.scale, bn.shift, d_h))
+            except ValueError as exc:
+                return f"BatchNormalization {step.key}: {exc}"
+        else:
+            return f"{step.op} {step.key} is not linear"
+    return (algebra.compose_steps(parts) if parts else ChannelAffine.identity(d_h)), exact
+
+
+def decide(sites: Sequence[Site], constants: Constants, options: Options) -> list[Collapse | Skip]:
+    """A decision for every site; layers already taken by an earlier collapse are left for the next round."""
+    decisions: list[Collapse | Skip] = []
+    ready: list[_Ready] = []
+    for site in sites:
+        if site.problems:
+            decisions.append(Skip(site, site.problems[0], _site_params(site, constants)))
+            continue
+        outcome = activation_affine(site, constants, options)
+        if isinstance(outcome, str):
+            decisions.append(Skip(site, outcome, _site_params(site, constants)))
+        else:
+            ready.append(_Ready(site, *outcome))
+
+    taken: set[int] = set()
+    for chain in _chains([r for r in ready if len(r.site.consumers) == 1]):
+        decisions += _decide_chain(chain, constants, options, taken)
+    for item in (r for r in ready if len(r.site.consumers) > 1):
+        decision = _decide_fanout(item, constants, options, taken)
+        if decision is not None:
+            decisions.append(decision)
+    return decisions
+
+
+def _chains(items: list[_Ready]) -> list[list[_Ready]]:
+    by_producer = {id(r.site.producer.nodes[0]): r for r in items}
+    continued = {id(r.site.consumers[0].nodes[0]) for r in items}
+    chains = []
+    for start in items:
+        if id(start.site.producer.nodes[0]) in continued:
+            continue
+        chain = [start]
+        while (nxt := by_producer.get(id(chain[-1].site.consumers[0].nodes[0]))) is not None:
+            chain.append(nxt)
+        chains.append(chain)
+    return chains
+
+
+def _segments(dims: list[int], allow_growth: bool) -> list[tuple[int, int]]:
+    """Cut layers `0..n-1` (layer i maps dims[i] -> dims[i+1]) into segments `[i, j)` minimising weights.
+
+    Ties keep layers apart: a collapse must strictly reduce the weight count.
+    """
+    n = len(dims) - 1
+    if allow_growth:
+        return [(0, n)]
+    # best[j] = (weights, -segments, cuts) for layers [0, j)
+    best: list[tuple[int, int, list[tuple[int, int]]]] = [(0, 0, [])]
+    for j in range(1, n + 1):
+        options = []
+        for i in range(j):
+            cost = dims[i] * dims[j]
+            prev = best[i]
+            options.append((prev[0] + cost, prev[1] - 1, prev[2] + [(i, j)]))
+        best.append(min(options, key=lambda o: (o[0], o[1])))
+    return best[n][2]
+
+
+def _decide_chain(
+    chain: list[_Ready], constants: Constants, options: Options, taken: set[int]
+) -> list[Collapse | Skip]:
+    """Site `chain[m]` joins `layers[m]` and `layers[m + 1]`."""
+    layers = [chain[0].site.producer] + [r.site.consumers[0] for r in chain]
+    dims = [layers[0].shape(constants)[0]] + [layer.shape(constants)[1] for layer in layers]
+    out: list[Collapse | Skip] = []
+    handled: set[int] = set()
+    for i, j in _segments(dims, options.allow_growth):
+        if j - i < 2:
+            continue
+        handled.update(range(i, j - 1))
+        if any(id(layer.nodes[0]) in taken for layer in layers[i:j]):
+            continue  # another collapse uses one of these layers this round; the next round retries
+        taken.update(id(layer.nodes[0]) for layer in layers[i:j])
+        acts = [r.act for r in chain[i : j - 1]]
+        result = algebra.collapse_chain([layer.affine(constants) for layer in layers[i:j]], acts)
+        head = Head(layers[j - 1], result, _needs_bias(layers[i:j], acts))
+        out.append(_collapse(tuple(layers[i : j - 1]), (head,), chain[i : j - 1], constants))
+    out += [_growth_skip(item, dims, m, constants) for m, item in enumerate(chain) if m not in handled]
+    return out
+
+
+def _growth_skip(item: _Ready, dims: list[int], m: int, constants: Constants) -> Skip:
+    d_in, d_h, d_out = dims[m], dims[m + 1], dims[m + 2]
+    if d_in * d_out >= d_h * (d_in + d_out):
+        reason = (
+            f"collapsing would not reduce parameters: d_in·d_out = {d_in}·{d_out} = {d_in * d_out} >= "
+            f"d_h·(d_in+d_out) = {d_h}·{d_in + d_out} = {d_h * (d_in + d_out)} (allow_growth forces it)"
+        )
+    else:
+        reason = "kept as a boundary: collapsing the neighbouring layers of the chain saves more parameters"
+    return Skip(item.site, reason, _site_params(item.site, constants))
+
+
+def _decide_fanout(
+    item: _Ready, constants: Constants, options: Options, taken: set[int]
+) -> Collapse | Skip | None:
+    site = item.site
+    layers = (site.producer, *site.consumers)
+    d_in, d_h = site.producer.shape(constants)
+    outs = [c.shape(constants)[1] for c in site.consumers]
+    before = d_in * d_h + sum(d_h * d for d in outs)
+    after = sum(d_in * d for d in outs)
+    if after >= before and not options.allow_growth:
+        return Skip(
+            site,
+            f"collapsing the {len(outs)} heads would not reduce parameters: {after} weights >= {before}",
+            _site_params(site, constants),
+        )
+    if any(id(layer.nodes[0]) in taken for layer in layers):
+        return None
+    taken.update(id(layer.nodes[0]) for layer in layers)
+    first = site.producer.affine(constants)
+    heads = tuple(
+        Head(
+            c,
+            algebra.collapse_pair(first, item.act, c.affine(constants)),
+            _needs_bias((site.producer, c), [item.act]),
+        )
+        for c in site.consumers
+    )
+    return _collapse((site.producer,), heads, [item], constants)
+
+
+def _needs_bias(layers: Sequence[Linear], acts: Sequence[ChannelAffine]) -> bool:
+    return any(layer.bias is not None for layer in layers) or any(np.any(a.shift != 0) for a in acts)
+
+
+def _collapse(
+    chain: tuple[Linear, ...], heads: tuple[Head, ...], items: Sequence[_Ready], constants
+) -> Collapse:
+    before = sum(_site_params(r.site, constants) for r in items)
+    # Consecutive sites share their middle layer: count it once.
+    before -= sum(r.site.producer.param_count(constants) for r in items[1:])
+    after = sum(h.result.d_in * h.result.d_out + (h.result.d_out if h.with_bias else 0) for h in heads)
+    return Collapse(chain, heads, tuple(r.site for r in items), all(r.exact for r in items), before, after)
+
+
+def _site_params(site: Site, constants: Constants) -> int:
+    count = site.producer.param_count(constants)
+    count += sum(step.param_count(constants) for step in site.steps)
+    count += sum(c.param_count(constants) for c in site.consumers)
+    return count

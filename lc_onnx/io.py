@@ -1,0 +1,311 @@
+"""Reading and writing models: the one place that touches model files.
+
+Models are loaded *without* their external data: tensors stored outside the `.onnx` file stay on disk and
+are read on demand (`read_tensor`, memory-mapped), so a 2 GB model does not cost 2 GB to open. Every
+external-data location is checked to stay inside the model's directory (a location like `../../etc/x`
+is a path traversal and is refused). Saving is atomic (temporary files in the destination directory,
+then `os.replace`) and streams external tensors from their source files to the new data file.
+
+Everything that is the input's fault raises `UserError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from lc_onnx.errors import UserError
+
+# Tensors at least this large go to the external data file when a model is saved with external data.
+EXTERNAL_MIN_BYTES = 1024
+# Above this a model cannot be one protobuf (2 GiB hard limit); keep a margin for the graph itself.
+PROTO_LIMIT_BYTES = 2**31 - 64 * 2**20
+_COPY_CHUNK = 64 * 2**20
+
+
+@dataclass
+class LoadedModel:
+    """A model proto whose external tensors (if any) still live in files under `base_dir`."""
+
+    proto: onnx.ModelProto
+    base_dir: Path | None
+    path: Path | None = None
+
+    @property
+    def has_external_data(self) -> bool:
+        return any(_is_external(t) for t in iter_tensors(self.proto))
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load a model with all its tensor data in memory (for small models and callers that need it)."""
+    loaded = load(path)
+    if loaded.has_external_data:
+        for tensor in iter_tensors(loaded.proto):
+            if _is_external(tensor):
+                _inline(tensor, loaded.base_dir)
+    return loaded.proto
+
+
+def load(path: str | os.PathLike) -> LoadedModel:
+    """Load `path` leaving external data on disk; validate that every external tensor is readable."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: no such file")
+    if p.is_dir():
+        raise UserError(f"{p}: is a directory, expected an .onnx file")
+    try:
+        size = p.stat().st_size
+    except OSError as exc:
+        raise UserError(f"{p}: cannot read ({exc.strerror})") from None
+    if size == 0:
+        raise UserError(f"{p}: empty file, not an ONNX model")
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except PermissionError:
+        raise UserError(f"{p}: permission denied") from None
+    except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning-ish errors, ValueError...
+        raise UserError(
+            f"{p}: not a readable ONNX model ({type(exc).__name__}: {_first_line(exc)})"
+        ) from None
+    if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
+        raise UserError(f"{p}: not an ONNX model (no graph found)")
+    loaded = LoadedModel(proto, p.resolve().parent, p)
+    for tensor in iter_tensors(proto):
+        if _is_external(tensor):
+            external_path(tensor, loaded.base_dir)
+    return loaded
+
+
+def from_proto(model: onnx.ModelProto, base_dir: str | os.PathLike | None = None) -> LoadedModel:
+    """Wrap an in-memory proto; external tensors (if any) resolve against `base_dir`."""
+    loaded = LoadedModel(model, Path(base_dir).resolve() if base_dir is not None else None)
+    for tensor in iter_tensors(model):
+        if _is_external(tensor):
+            if loaded.base_dir is None:
+                raise UserError(
+                    f"tensor {tensor.name!r} uses external data but the model was given without its "
+                    "directory; pass the model path instead"
+                )
+            external_path(tensor, loaded.base_dir)
+    return loaded
+
+
+def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto of the model: initializers and tensor attributes, subgraphs and functions included."""
+    yield from _graph_tensors(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            yield from _node_tensors(node)
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for node in graph.node:
+        yield from _node_tensors(node)
+
+
+def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+    for attr in node.attribute:
+        if attr.HasField("t"):
+            yield attr.t
+        yield from attr.tensors
+        if attr.HasField("g"):
+            yield from _graph_tensors(attr.g)
+        for g in attr.graphs:
+            yield from _graph_tensors(g)
+
+
+def _is_external(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _external_info(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+def external_path(tensor: onnx.TensorProto, base_dir: Path | None) -> tuple[Path, int, int]:
+    """(file, offset, length) of an external tensor, refusing locations outside `base_dir`."""
+    info = _external_info(tensor)
+    location = info.get("location", "")
+    if not location:
+        raise UserError(f"tensor {tensor.name!r}: external data without a location")
+    if base_dir is None:
+        raise UserError(f"tensor {tensor.name!r}: external data {location!r} but no model directory")
+    if os.path.isabs(location) or ".." in Path(location).parts:
+        raise UserError(
+            f"tensor {tensor.name!r}: external data location {location!r} escapes the model's directory"
+        )
+    target = (base_dir / location).resolve()
+    if os.path.commonpath([str(target), str(base_dir.resolve())]) != str(base_dir.resolve()):
+        raise UserError(
+            f"tensor {tensor.name!r}: external data location {location!r} escapes the model's directory"
+        )
+    if not target.is_file():
+        raise UserError(
+            f"tensor {tensor.name!r}: external data file {location!r} not found next to the model"
+        )
+    offset = int(info.get("offset", 0) or 0)
+    nbytes = _expected_nbytes(tensor)
+    length = int(info["length"]) if "length" in info else (nbytes if nbytes is not None else -1)
+    size = target.stat().st_size
+    if length < 0:
+        length = size - offset
+    if offset < 0 or offset + length > size:
+        raise UserError(
+            f"tensor {tensor.name!r}: external data {location!r} is truncated "
+            f"(needs bytes {offset}..{offset + length}, file has {size})"
+        )
+    return target, offset, length
+
+
+def _expected_nbytes(tensor: onnx.TensorProto) -> int | None:
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except Exception:
+        return None
+    if tensor.data_type in (onnx.TensorProto.STRING,):
+        return None
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+def read_tensor(tensor: onnx.TensorProto, base_dir: Path | None) -> np.ndarray:
+    """The tensor's values as numpy; external data is memory-mapped, not copied."""
+    if not _is_external(tensor):
+        return numpy_helper.to_array(tensor)
+    target, offset, length = external_path(tensor, base_dir)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    shape = tuple(tensor.dims)
+    count = int(np.prod(shape, dtype=np.int64))
+    if count == 0:
+        return np.zeros(shape, dtype=dtype)
+    data = np.memmap(target, dtype=np.uint8, mode="r", offset=offset, shape=(length,))
+    # ONNX stores little-endian; memmap views stay lazy until the values are used.
+    return np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<"), count=count).reshape(shape)
+
+
+def _inline(tensor: onnx.TensorProto, base_dir: Path | None) -> None:
+    target, offset, length = external_path(tensor, base_dir)
+    with open(target, "rb") as f:
+        f.seek(offset)
+        raw = f.read(length)
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.DEFAULT
+    tensor.raw_data = raw
+
+
+def data_file_name(path: Path) -> str:
+    """Name of the external data file written beside `path`."""
+    return path.name + ".data"
+
+
+def save(loaded: LoadedModel, path: str | os.PathLike, *, external: bool | None = None) -> Path:
+    """Write `loaded.proto` to `path` atomically; with external data in `path.data` when `external`.
+
+    `external=None` decides: external when the source already used external data or the tensors would not
+    fit one protobuf. Afterwards `loaded.proto` describes the written file (its external tensors point at
+    the new data file, relative to `path`'s directory).
+    """
+    out = Path(path)
+    parent = out.parent if str(out.parent) else Path(".")
+    if out.exists() and out.is_dir():
+        raise UserError(f"{out}: is a directory")
+    if not parent.is_dir():
+        raise UserError(f"{out}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{out}: directory {parent} is not writable")
+    if external is None:
+        external = loaded.has_external_data or _inline_bytes(loaded.proto) > PROTO_LIMIT_BYTES
+    model = loaded.proto
+    data_name = data_file_name(out)
+    tmp_model = tmp_data = None
+    try:
+        fd, tmp_model = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
+        os.close(fd)
+        if external:
+            fd, tmp_data = tempfile.mkstemp(prefix=f".{data_name}.", suffix=".tmp", dir=parent)
+            with os.fdopen(fd, "wb") as data:
+                _write_external(model, loaded.base_dir, data, data_name)
+        elif loaded.has_external_data:
+            for tensor in iter_tensors(model):
+                if _is_external(tensor):
+                    _inline(tensor, loaded.base_dir)
+        with open(tmp_model, "wb") as f:
+            f.write(model.SerializeToString())
+        if tmp_data is not None:
+            os.replace(tmp_data, parent / data_name)
+            tmp_data = None
+        os.replace(tmp_model, out)
+        tmp_model = None
+    except OSError as exc:
+        raise UserError(f"{out}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        for leftover in (tmp_model, tmp_data):
+            if leftover is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(leftover)
+    return out
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external: bool | None = None) -> Path:
+    """Atomically write an in-memory model (external data beside it when too large for one protobuf).
+
+    Only tensors stored as `raw_data` (what exporters write) move to the data file. `model` is not changed.
+    """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return save(from_proto(copy), path, external=external)
+
+
+def _inline_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) for t in iter_tensors(model)) + model.ByteSize() // 8
+
+
+def _write_external(model: onnx.ModelProto, base_dir: Path | None, data, data_name: str) -> None:
+    offset = 0
+    for tensor in iter_tensors(model):
+        if _is_external(tensor):
+            source, start, length = external_path(tensor, base_dir)
+            chunks = _file_chunks(source, start, length)
+        elif tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_MIN_BYTES:
+            chunks = iter((tensor.raw_data,))
+            length = len(tensor.raw_data)
+        else:
+            continue
+        pad = (-offset) % 4096  # page alignment lets onnxruntime memory-map the weights
+        if pad:
+            data.write(b"\0" * pad)
+            offset += pad
+        for chunk in chunks:
+            data.write(chunk)
+        tensor.ClearField("raw_data")
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        offset += length
+
+
+def _file_chunks(path: Path, start: int, length: int) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        f.seek(start)
+        remaining = length
+        while remaining > 0:
+            chunk = f.read(min(_COPY_CHUNK, remaining))
+            if not chunk:
+                raise UserError(f"{path}: external data ended early")
+            remaining -= len(chunk)
+            yield chunk
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else "unknown error"

@@ -1,0 +1,298 @@
+"""`fuse`: load -> find sites -> decide -> rewrite -> verify -> save, and the report.
+
+Rounds of find/decide/rewrite repeat until nothing more collapses, so chains and fan-outs that only
+become visible after a first collapse are handled in the same call, and fusing a fused model changes
+nothing. The fused model is verified against the original before it is handed back or written; with an
+output path it is first written into a temporary directory beside the output, verified from there and
+only then moved into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from lc_onnx import io, rewrite, runtime
+from lc_onnx.algebra import ChannelAffine
+from lc_onnx.decide import Collapse, Options, Skip, decide
+from lc_onnx.errors import UserError, VerificationError
+from lc_onnx.report import Report, SiteReport, Verification
+from lc_onnx.sites import Constants, SiteFinder, opset_of
+from lc_onnx.verify import compare
+
+log = logging.getLogger(__name__)
+
+MAX_ROUNDS = 16
+EXACT_TOLERANCE = 1e-5
+
+
+@dataclass
+class FuseResult:
+    """The fused model, the report, and where it was written (None when not written)."""
+
+    model: onnx.ModelProto
+    report: Report
+    path: Path | None = None
+    decisions: list[Collapse | Skip] = field(default_factory=list, repr=False)
+
+    @property
+    def collapsed(self) -> int:
+        return len(self.report.collapsed)
+
+
+@dataclass
+class Rewritten:
+    """Outcome of the graph rounds: the new proto (None if unchanged) and one report entry per site."""
+
+    proto: onnx.ModelProto | None
+    sites: list[SiteReport]
+    exact: bool
+
+
+def fuse(
+    model: str | os.PathLike | onnx.ModelProto,
+    *,
+    output: str | os.PathLike | None = None,
+    threshold: float = 0.05,
+    max_error: float = 1e-2,
+    verify: bool = True,
+    allow_growth: bool = False,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    feeds: Iterable[Mapping[str, np.ndarray]] | None = None,
+    fits: Mapping[str, ChannelAffine] | None = None,
+) -> FuseResult:
+    """Collapse every qualifying Linear -> linear activation -> Linear of `model` and verify the result.
+
+    Args:
+        model: a path to an `.onnx` file (its external data stays on disk) or an in-memory `ModelProto`.
+        output: where to write the fused model (atomically, after verification); None keeps it in memory.
+        threshold: PRelu/LeakyRelu slopes within this distance of 1 count as the identity.
+        max_error: largest allowed relative L2 error of any output; beyond it `VerificationError`.
+        verify: run original and fused in onnxruntime (strongly recommended).
+        allow_growth: collapse even when the single layer has more weights than the ones it replaces.
+        input_shapes: concrete shapes for graph inputs (dynamic dims default to 2); sets verification and
+            MAC-count shapes.
+        feeds: verification inputs (`{input name: array}` per run) instead of random data.
+        fits: fitted per-channel affine maps `a ⊙ h + c` for activation steps, keyed by step name
+            (from calibration); these sites collapse with the fitted map.
+
+    Raises:
+        UserError: the model cannot be read or written, or the options do not fit it.
+        VerificationError: the fused model deviates more than `max_error` (nothing is written).
+    """
+    start = time.perf_counter()
+    if threshold < 0 or max_error < 0:
+        raise UserError("threshold and max_error must be >= 0")
+    loaded = io.load(model) if not isinstance(model, onnx.ModelProto) else io.from_proto(model)
+    out_path = Path(output) if output is not None else None
+    if out_path is not None and loaded.path is not None and _same_file(out_path, loaded.path):
+        raise UserError(f"{out_path}: output would overwrite the input model; choose another path")
+
+    options = Options(threshold=threshold, allow_growth=allow_growth, fits=fits)
+    rewritten = collapse_graph(loaded, options)
+    fused = io.LoadedModel(rewritten.proto, loaded.base_dir) if rewritten.proto is not None else loaded
+
+    shapes = runtime.input_shapes(loaded.proto, input_shapes)
+    feed_list = [dict(f) for f in feeds] if feeds is not None else None
+    if feed_list is not None and not feed_list:
+        raise UserError("no verification feeds given (the data is empty)")
+
+    with contextlib.ExitStack() as stack:
+        staging = None
+        if out_path is not None or (rewritten.proto is not None and fused.has_external_data and verify):
+            parent = out_path.parent if out_path is not None else None
+            if parent is not None and not parent.is_dir():
+                raise UserError(f"{out_path}: directory {parent} does not exist")
+            staging = Path(stack.enter_context(_staging_dir(parent)))
+            staged = staging / (out_path.name if out_path is not None else "model.onnx")
+            io.save(fused, staged)
+        verification = Verification(note="model unchanged: nothing collapsed")
+        if rewritten.proto is not None and verify:
+            if feed_list is None:
+                feed_list = [runtime.random_feeds(loaded.proto, shapes, seed=0)]
+            original_source = _session_source(loaded)
+            fused_source = (
+                str(staging / staged.name) if staging is not None else fused.proto.SerializeToString()
+            )
+            verification = compare(original_source, fused_source, feed_list)
+        elif rewritten.proto is not None:
+            verification = Verification(note="verification disabled (--no-verify)")
+
+        report = Report(
+            sites=rewritten.sites,
+            params_before=_params(loaded.proto),
+            params_after=_params(fused.proto),
+            macs_before=_macs(loaded.proto, shapes),
+            macs_after=_macs(fused.proto, shapes),
+            verification=verification,
+        )
+        report.seconds = time.perf_counter() - start
+        worst = verification.worst_rel_l2
+        if worst > max_error:
+            raise VerificationError(
+                f"fused model differs from the original: relative L2 error {worst:.3g} > max_error {max_error:g}"
+                f" (output {max(verification.outputs, key=lambda k: verification.outputs[k].rel_l2)!r}); "
+                "nothing written"
+            )
+        if rewritten.exact and verification.outputs and worst > EXACT_TOLERANCE:
+            log.warning(
+                "exact collapse but relative L2 error %.3g (> %g): float rounding is unusually large",
+                worst,
+                EXACT_TOLERANCE,
+            )
+        if out_path is not None:
+            _publish(staging, out_path)
+            result_model = fused.proto
+            written: Path | None = out_path
+        else:
+            written = None
+            result_model = io.load_model(staging / staged.name) if staging is not None else fused.proto
+    return FuseResult(model=result_model, report=report, path=written)
+
+
+def collapse_graph(loaded: io.LoadedModel, options: Options) -> Rewritten:
+    """Run find/decide/rewrite rounds on a copy of the graph; the input proto is not modified."""
+    proto = loaded.proto
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception as exc:  # shapes only refine matching (ranks); go on without them
+        log.info("shape inference failed (%s); matching without shapes", exc)
+        inferred = proto
+    graph = gs.import_onnx(inferred)
+    constants = Constants(graph, loaded.base_dir, opset_of(proto))
+    finder = SiteFinder(graph, constants)
+    reports: list[SiteReport] = []
+    skipped: list[SiteReport] = []
+    exact = True
+    changed = False
+    for _ in range(MAX_ROUNDS):
+        decisions = decide(list(finder.sites()), constants, options)
+        collapses = [d for d in decisions if isinstance(d, Collapse)]
+        skipped = [_skip_report(d, constants) for d in decisions if isinstance(d, Skip)]
+        if not collapses:
+            break
+        reports += [_collapse_report(c, constants) for c in collapses]
+        exact = exact and all(c.exact for c in collapses)
+        rewrite.apply(graph, collapses, constants)
+        changed = True
+    if not changed:
+        return Rewritten(None, skipped, True)
+    new = gs.export_onnx(graph, do_type_check=False)
+    _restore_model_fields(new, proto)
+    return Rewritten(new, reports + skipped, exact)
+
+
+def _slopes(sites, constants: Constants) -> dict[str, list[float]]:
+    """`{step: [min, max]}` of the PRelu/LeakyRelu slopes of `sites` (what inspect shows)."""
+    found = {}
+    for site in sites:
+        for step in site.steps:
+            values = step.slopes(constants)
+            if values is not None and values.size:
+                found[step.key] = [float(values.min()), float(values.max())]
+    return found
+
+
+def _collapse_report(c: Collapse, constants: Constants) -> SiteReport:
+    heads = ", ".join(h.layer.name for h in c.heads)
+    kind = "exact" if c.exact else "near-linear"
+    reason = f"{kind} collapse into {len(c.heads)} layer(s) ending at {heads}"
+    return SiteReport(
+        nodes=c.node_names(),
+        activation=c.activation,
+        decision="collapsed",
+        reason=reason,
+        params_before=c.params_before,
+        params_after=c.params_after,
+        extra={"exact": c.exact, "slopes": _slopes(c.sites, constants)},
+    )
+
+
+def _skip_report(s: Skip, constants: Constants) -> SiteReport:
+    return SiteReport(
+        nodes=s.site.node_names(),
+        activation=s.site.activation,
+        decision="skipped",
+        reason=s.reason,
+        params_before=s.params,
+        params_after=s.params,
+        extra={"slopes": _slopes([s.site], constants)},
+    )
+
+
+def _restore_model_fields(new: onnx.ModelProto, old: onnx.ModelProto) -> None:
+    """graphsurgeon rebuilds the ModelProto; keep everything about the model that the rewrite did not touch."""
+    new.ir_version = old.ir_version
+    del new.opset_import[:]
+    new.opset_import.extend(old.opset_import)
+    for name in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(new, name, getattr(old, name))
+    del new.metadata_props[:]
+    new.metadata_props.extend(old.metadata_props)
+    del new.functions[:]
+    new.functions.extend(old.functions)
+    new.graph.name = old.graph.name
+    new.graph.doc_string = old.graph.doc_string
+    # Graph inputs/outputs keep their original declarations (names, order, types, shapes).
+    del new.graph.input[:]
+    new.graph.input.extend(old.graph.input)
+    del new.graph.output[:]
+    new.graph.output.extend(old.graph.output)
+
+
+def _params(model: onnx.ModelProto) -> int:
+    from lc_onnx.macs import count_params
+
+    return int(count_params(model))
+
+
+def _macs(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> int:
+    from lc_onnx.macs import count_macs
+
+    return int(count_macs(model, shapes))
+
+
+def _session_source(loaded: io.LoadedModel) -> str | bytes:
+    if loaded.path is not None:
+        return str(loaded.path)
+    return loaded.proto.SerializeToString()
+
+
+@contextlib.contextmanager
+def _staging_dir(parent: Path | None):
+    try:
+        path = tempfile.mkdtemp(prefix=".lc-onnx-", dir=parent)
+    except OSError as exc:
+        raise UserError(f"cannot write to {parent or tempfile.gettempdir()}: {exc.strerror}") from None
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move the staged model (data file first, then the .onnx) into place."""
+    model_file = staging / out.name
+    try:
+        for item in sorted(staging.iterdir(), key=lambda p: p == model_file):
+            os.replace(item, out.parent / item.name)
+    except OSError as exc:
+        raise UserError(f"{out}: cannot write ({exc.strerror})") from None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
