@@ -1,0 +1,76 @@
+"""ONNX export that the graph pass can collapse: `PRelu` stays one op, the batch dimension is dynamic.
+
+Both torch exporters keep `nn.PReLU` as an ONNX `PRelu` node (checked by the tests): the TorchScript one
+(`dynamo=False`) writes `Gemm`/`MatMul + Add` around it, the dynamo one (`torch.export`, then onnxscript)
+the same ops after its optimiser folds the transposes into constants.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+OPSET = 18
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    dynamo: bool = True,
+    dynamic_batch: bool = True,
+) -> Path:
+    """Export `model` (in eval mode) to `path`, written atomically; returns the path.
+
+    Args:
+        model: exported in eval mode; its training flag is restored afterwards.
+        example_inputs: one tensor or a sequence of tensors; inputs are named `input`, `input_1`, ...
+            and the (first) output `output`.
+        dynamo: `True` for the `torch.export`-based exporter, `False` for the TorchScript one.
+        dynamic_batch: make dimension 0 of every input and output symbolic (`batch`).
+    """
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    path = Path(path)
+    input_names = ["input"] + [f"input_{i}" for i in range(1, len(inputs))]
+    was_training = model.training
+    model.eval()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        kwargs: dict = {"input_names": input_names, "output_names": ["output"], "opset_version": OPSET}
+        if dynamo:
+            if dynamic_batch:
+                batch = torch.export.Dim("batch")
+                kwargs["dynamic_shapes"] = tuple({0: batch} for _ in inputs)
+            # The dynamo exporter prints progress lines on stdout; library code must not.
+            with contextlib.redirect_stdout(io.StringIO()):
+                program = torch.onnx.export(model, inputs, dynamo=True, verbose=False, **kwargs)
+            # Tensors inline in the .onnx file: the models this is for are far below 2 GiB.
+            program.save(tmp, external_data=False)
+        else:
+            if dynamic_batch:
+                kwargs["dynamic_axes"] = {name: {0: "batch"} for name in [*input_names, "output"]}
+            with warnings.catch_warnings():
+                # Tracing warns about every Python branch on shapes in timm's forward; they are harmless
+                # for a fixed architecture and would bury real warnings.
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                torch.onnx.export(model, inputs, tmp, dynamo=False, **kwargs)
+        os.replace(tmp, path)
+    finally:
+        model.train(was_training)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    logger.info("exported %s (%s exporter)", path, "dynamo" if dynamo else "TorchScript")
+    return path
