@@ -1,0 +1,55 @@
+"""Write an ONNX model into a Triton model repository served by the onnxruntime backend.
+
+Writes REPO/NAME/config.pbtxt (platform onnxruntime_onnx, every input and output with its TYPE_* and
+dims, instance_group, optional dynamic_batching and GPU accelerator) and REPO/NAME/N/model.onnx (with
+model.onnx.data when the weights are external), plus REPO/NAME/fuse_report_vN.json when --report names
+the JSON report of `lc-onnx fuse --report`. The model is deployed as given: fuse it first, or use
+`lc-onnx fuse MODEL --triton-repo DIR` to do both in one step.
+
+max_batch_size defaults to 8 when every input and output has a leading dynamic dimension (the config
+then lists the dims after it) and to 0 (full dims) otherwise. A new version goes beside the existing
+ones; replacing a version or a differing config.pbtxt needs --force. Nothing is half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from lc_onnx.errors import UserError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lc_onnx.deploy.options import add_triton_arguments
+
+    parser.add_argument("model", type=Path, help="the .onnx model to deploy (usually the fused one)")
+    add_triton_arguments(parser)
+    parser.add_argument(
+        "--report", type=Path, metavar="R.json",
+        help="a fuse report (from `lc-onnx fuse --report`) to keep beside the config",
+    )  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    from lc_onnx.deploy.options import triton_options_from_args
+    from lc_onnx.deploy.triton import write_model_repository
+
+    report = _read_report(args.report) if args.report is not None else None
+    version_dir = write_model_repository(
+        args.model, args.triton_repo, triton_options_from_args(args), report=report
+    )
+    print(f"wrote {version_dir}")
+    return 0
+
+
+def _read_report(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: not a readable JSON report ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a fuse report is a JSON object, found {type(data).__name__}")
+    return data

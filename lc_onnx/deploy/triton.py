@@ -1,0 +1,340 @@
+"""Write a model into a Triton model repository that the onnxruntime backend loads as written.
+
+Layout (Triton's own)::
+
+    REPO/NAME/config.pbtxt            one config for every version of NAME
+    REPO/NAME/fuse_report_vN.json     the fuse report of version N, when there is one
+    REPO/NAME/N/model.onnx            version N (+ model.onnx.data when the weights are external)
+
+Existing repositories. A new version goes beside the old ones (default: one above the highest). An
+existing version is replaced only with `force`. Triton reads a single `config.pbtxt` for all versions of a
+model, so the config written for the new version must also be the one already there: when the existing
+file says something else (another input shape, other instance groups, hand edits) the write is refused
+unless `force`, which replaces it. With Triton's default version policy (serve the highest version
+only) that is what serving the new version needs; older versions whose graphs no longer match the new
+config would fail to load under a policy that serves them too, which is why it takes `force`.
+
+Atomicity. A new model directory is assembled in a hidden temporary directory in REPO and renamed into
+place in one step; a new version of an existing model is assembled in a hidden temporary directory in
+REPO/NAME and renamed to N (a replaced version is moved aside first and restored if the rename fails);
+`config.pbtxt` and the report are written to temporary files and renamed. On any failure the temporary
+directories are removed, so Triton never sees a half-written model or version directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from lc_onnx import io
+from lc_onnx.deploy.config import TritonConfig, build_config
+from lc_onnx.deploy.options import (
+    DEFAULT_MAX_BATCH_SIZE,
+    TritonOptions,
+    add_triton_arguments,
+    triton_options_from_args,
+)
+from lc_onnx.errors import UserError
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.pbtxt"
+MODEL_FILE = "model.onnx"
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def write_model_repository(
+    model: onnx.ModelProto | io.LoadedModel | str | os.PathLike,
+    repo_dir: str | os.PathLike,
+    options: TritonOptions | None = None,
+    *,
+    report: Mapping[str, Any] | None = None,
+    check_loads: bool = True,
+) -> Path:
+    """Write `model` as a new version of a model in the Triton repository `repo_dir`.
+
+    Args:
+        model: a path to an `.onnx` file (external data is streamed, not loaded), a `LoadedModel`, or an
+            in-memory proto (whose tensors must then all be inline).
+        options: serving options; the name defaults to the model file's stem (for a proto without a
+            path: the graph's name), the version to one above the highest existing one.
+        report: the fuse report (`Report.to_dict()`), written as `fuse_report_vN.json` beside the config.
+        check_loads: open the staged model in onnxruntime (CPU) before publishing it and check its input
+            and output names against the config.
+
+    Returns:
+        The version directory that was written.
+    """
+    options = options or TritonOptions()
+    loaded = _as_loaded(model)
+    name = _model_name(options.name, loaded)
+    instance_kind = options.instance_kind or ("gpu" if options.accelerator != "none" else "cpu")
+    config = build_config(
+        loaded.proto,
+        name,
+        max_batch_size=options.max_batch_size,
+        default_max_batch_size=DEFAULT_MAX_BATCH_SIZE,
+        instance_kind=instance_kind,
+        instances=options.instances,
+        dynamic_batching=options.dynamic_batching,
+        accelerator=options.accelerator,
+    )
+    config_text = config.to_pbtxt()
+    report_text = json.dumps(dict(report), indent=2) + "\n" if report is not None else None
+
+    repo = Path(repo_dir)
+    if repo.exists() and not repo.is_dir():
+        raise UserError(f"{repo}: exists and is not a directory")
+    model_dir = repo / name
+    if model_dir.exists() and not model_dir.is_dir():
+        raise UserError(f"{model_dir}: exists and is not a directory")
+
+    existing = _versions(model_dir)
+    version = options.version if options.version is not None else max(existing, default=0) + 1
+    version_dir = model_dir / str(version)
+    if version_dir.exists() and not options.force:
+        raise UserError(f"{version_dir}: version {version} already exists; pass --force to replace it")
+    _check_config_compatible(model_dir / CONFIG_NAME, config_text, options.force)
+    if loaded.path is not None and _inside(loaded.path, version_dir):
+        raise UserError(f"{loaded.path}: the input model is inside {version_dir}, which would be replaced")
+    if existing and version < max(existing):
+        log.warning(
+            "version %d is below the highest existing version %d; Triton's default policy serves only %d",
+            version, max(existing), max(existing),
+        )  # fmt: skip
+
+    created_repo = not repo.exists()
+    try:
+        repo.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{repo}: cannot create ({exc.strerror or exc})") from None
+    try:
+        if not model_dir.exists():
+            _write_new_model(loaded, config, config_text, report_text, model_dir, version, check_loads)
+        else:
+            _write_version(loaded, config, model_dir, version, check_loads)
+            if _read_text(model_dir / CONFIG_NAME) != config_text:
+                _write_text_atomic(model_dir / CONFIG_NAME, config_text)
+            if report_text is not None:
+                _write_text_atomic(model_dir / _report_name(version), report_text)
+    except BaseException:
+        if created_repo:
+            with contextlib.suppress(OSError):
+                repo.rmdir()  # only succeeds when nothing else landed in it
+        raise
+    log.info("wrote %s (max_batch_size %d)", version_dir, config.max_batch_size)
+    return version_dir
+
+
+def _as_loaded(model: onnx.ModelProto | io.LoadedModel | str | os.PathLike) -> io.LoadedModel:
+    if isinstance(model, io.LoadedModel):
+        return model
+    if isinstance(model, onnx.ModelProto):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return io.from_proto(copy)
+    return io.load(model)
+
+
+def _model_name(name: str | None, loaded: io.LoadedModel) -> str:
+    if name is None:
+        if loaded.path is not None:
+            file_name = loaded.path.name
+            name = file_name[: -len(".onnx")] if file_name.endswith(".onnx") else loaded.path.stem
+        else:
+            name = loaded.proto.graph.name
+    if not name or not _NAME_RE.fullmatch(name) or name.isdigit():
+        raise UserError(
+            f"model name {name!r} is not usable as a Triton model directory; pass --name with letters, "
+            "digits, '_', '-' or '.' (not starting with '.' or '-')"
+        )
+    return name
+
+
+def _versions(model_dir: Path) -> list[int]:
+    # Triton ignores subdirectories that are not a positive number without leading zeros.
+    if not model_dir.is_dir():
+        return []
+    return [
+        int(p.name)
+        for p in model_dir.iterdir()
+        if p.is_dir() and p.name.isdigit() and not p.name.startswith("0")
+    ]
+
+
+def _check_config_compatible(path: Path, config_text: str, force: bool) -> None:
+    if not path.exists():
+        return
+    old = _read_text(path)
+    if old == config_text or force:
+        if old != config_text:
+            log.warning("replacing %s (it differed from the config for this model)", path)
+        return
+    old_lines, new_lines = old.splitlines(), config_text.splitlines()
+    line = next(
+        (i for i, (a, b) in enumerate(zip(old_lines, new_lines)) if a != b),
+        min(len(old_lines), len(new_lines)),
+    )
+    old_line = old_lines[line].strip() if line < len(old_lines) else "<end>"
+    new_line = new_lines[line].strip() if line < len(new_lines) else "<end>"
+    raise UserError(
+        f"{path} differs from the config for this model (line {line + 1}: {old_line!r}, would be "
+        f"{new_line!r}); Triton uses one config for all versions: pass --force to replace it or use "
+        "another --name"
+    )
+
+
+def _write_new_model(
+    loaded: io.LoadedModel,
+    config: TritonConfig,
+    config_text: str,
+    report_text: str | None,
+    model_dir: Path,
+    version: int,
+    check_loads: bool,
+) -> None:
+    with _staging(model_dir.parent, f".{model_dir.name}.lc-onnx-") as stage:
+        _save_version(loaded, config, stage / str(version), check_loads)
+        (stage / CONFIG_NAME).write_text(config_text)
+        if report_text is not None:
+            (stage / _report_name(version)).write_text(report_text)
+        _make_readable(stage)
+        try:
+            os.rename(stage, model_dir)
+        except OSError as exc:
+            raise UserError(f"{model_dir}: cannot create ({exc.strerror or exc})") from None
+
+
+def _write_version(
+    loaded: io.LoadedModel, config: TritonConfig, model_dir: Path, version: int, check_loads: bool
+) -> None:
+    target = model_dir / str(version)
+    with _staging(model_dir, f".lc-onnx-v{version}-") as stage:
+        _save_version(loaded, config, stage / "v", check_loads)
+        _make_readable(stage)
+        aside = None
+        if target.exists():
+            aside = Path(tempfile.mkdtemp(prefix=f".lc-onnx-old-v{version}-", dir=model_dir))
+            os.rename(target, aside / "v")
+        try:
+            os.rename(stage / "v", target)
+        except OSError as exc:
+            if aside is not None:
+                os.rename(aside / "v", target)
+            raise UserError(f"{target}: cannot create ({exc.strerror or exc})") from None
+        finally:
+            if aside is not None:
+                shutil.rmtree(aside, ignore_errors=True)
+
+
+def _save_version(loaded: io.LoadedModel, config: TritonConfig, version_dir: Path, check_loads: bool) -> None:
+    version_dir.mkdir()
+    # io.save rewrites the proto's external-data references to the new file; keep the caller's intact.
+    proto = onnx.ModelProto()
+    proto.CopyFrom(loaded.proto)
+    path = io.save(io.LoadedModel(proto, loaded.base_dir, loaded.path), version_dir / MODEL_FILE)
+    if check_loads:
+        _check_onnxruntime_loads(path, config)
+
+
+def _check_onnxruntime_loads(path: Path, config: TritonConfig) -> None:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        log.warning("onnxruntime is not installed; not checking that %s loads", path)
+        return
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types for every load failure
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"the model does not load in onnxruntime: {first[:300]}") from None
+    for role, declared, actual in (
+        ("inputs", [t.name for t in config.signature.inputs], [i.name for i in session.get_inputs()]),
+        ("outputs", [t.name for t in config.signature.outputs], [o.name for o in session.get_outputs()]),
+    ):
+        if sorted(declared) != sorted(actual):
+            raise UserError(f"onnxruntime sees {role} {actual}, the graph declares {declared}")
+
+
+@contextlib.contextmanager
+def _staging(parent: Path, prefix: str):
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    except OSError as exc:
+        raise UserError(f"{parent}: cannot write ({exc.strerror or exc})") from None
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _make_readable(root: Path) -> None:
+    # mkdtemp/mkstemp create 0700/0600 entries; a Triton server running as another user must read them.
+    umask = _umask()
+    for dirpath, _dirnames, filenames in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~umask)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), 0o666 & ~umask)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read ({exc})") from None
+
+
+def _report_name(version: int) -> str:
+    return f"fuse_report_v{version}.json"
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    try:
+        path.resolve().relative_to(directory.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+__all__ = [
+    "DEFAULT_MAX_BATCH_SIZE",
+    "TritonOptions",
+    "add_triton_arguments",
+    "triton_options_from_args",
+    "write_model_repository",
+]
