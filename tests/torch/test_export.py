@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("timm")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+import numpy as np  # noqa: E402
+
+import lc_onnx  # noqa: E402
+from lc_onnx.torch import collapse, export_onnx, make_collapsible  # noqa: E402
+from tests.torch import models  # noqa: E402
+
+EXPORTERS = [pytest.param(False, id="torchscript"), pytest.param(True, id="dynamo")]
+CASES = [
+    # (model, fraction, blocks made collapsible, collapsed sites: VGG's two blocks share a Linear -> one)
+    pytest.param(models.vit, 0.5, 2, 2, id="vit"),
+    pytest.param(models.mixer, 1.0, 6, 6, id="mixer"),
+    pytest.param(models.vgg, 1.0, 2, 1, id="vgg-bn"),
+]
+
+
+def _ops(model: onnx.ModelProto) -> list[str]:
+    return [node.op_type for node in model.graph.node]
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+@pytest.mark.parametrize(("build", "fraction", "n_blocks", "n_sites"), CASES)
+def test_export_keeps_prelu_then_fuse_collapses_the_same_blocks(
+    tmp_path, build, fraction, n_blocks, n_sites, dynamo
+):
+    torch.manual_seed(0)
+    model = models.randomise(build())
+    names = make_collapsible(model, fraction=fraction, init=1.0)
+    assert len(names) == n_blocks
+    # Distinct slopes one float32 step or so above 1: equal slopes would be deduplicated into one
+    # initializer by the exporters, which makes ONNX and torch parameter counts differ.
+    with torch.no_grad():
+        for k, name in enumerate(names):
+            model.get_submodule(name).weight.fill_(1.0 + k * 2.0**-22)
+    path = export_onnx(model, models.images(2), tmp_path / "m.onnx", dynamo=dynamo)
+    exported = onnx.load(str(path))
+    assert _ops(exported).count("PRelu") == n_blocks
+    assert exported.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
+
+    # Batch 5 differs from the export's batch 2: the dynamic batch works in onnxruntime.
+    x = models.images(5, seed=7)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    np.testing.assert_allclose(_run(exported, x.numpy()), expected, rtol=1e-4, atol=1e-5)
+
+    result = lc_onnx.fuse(path)
+    report = result.report.to_dict()
+    assert [s["decision"] for s in report["sites"]] == ["collapsed"] * n_sites, report["sites"]
+    assert "PRelu" not in _ops(result.model)
+
+    # The graph pass and the torch collapse agree on the result.
+    params_before = sum(p.numel() for p in model.parameters())
+    torch_linears = collapse(model)
+    assert len(torch_linears) == n_sites
+    with torch.no_grad():
+        collapsed_torch = model(x).numpy()
+    np.testing.assert_allclose(_run(result.model, x.numpy()), collapsed_torch, rtol=1e-4, atol=1e-5)
+    params_after = sum(p.numel() for p in model.parameters())
+    assert report["params_before"] - report["params_after"] == params_before - params_after
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_export_is_atomic_and_restores_training_mode(tmp_path, dynamo):
+    model = models.vgg().train()
+    target = tmp_path / "m.onnx"
+    target.write_bytes(b"old")
+    with pytest.raises(Exception):  # noqa: B017 - a 2-D input cannot go through Conv2d; any exporter error
+        export_onnx(model, torch.randn(2, 3), target, dynamo=dynamo)
+    assert target.read_bytes() == b"old"
+    assert model.training
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
