@@ -70,7 +70,7 @@ def _emit(
     if bias is None:
         graph.nodes.append(gs.Node("MatMul", namer(base), inputs=[x, w], outputs=[out]))
         return
-    mm = gs.Variable(namer(base + "/MatMul_output_0"), dtype=out.dtype)
+    mm = gs.Variable(namer(base + "/MatMul_output_0"), dtype=out.dtype, shape=out.shape)
     graph.nodes.append(gs.Node("MatMul", namer(base + "/MatMul"), inputs=[x, w], outputs=[mm]))
     b = gs.Constant(namer(base + ".bias"), bias)
     graph.nodes.append(gs.Node("Add", namer(base + "/Add"), inputs=[mm, b], outputs=[out]))

@@ -178,10 +178,7 @@ class Linear:
         return algebra.linear(w, b)
 
     def param_count(self, constants: Constants) -> int:
-        count = int(constants.value(self.weight).size)
-        if self.bias is not None:
-            count += int(constants.value(self.bias).size)
-        return count
+        return sum(_size(t, constants) for t in (self.weight, self.bias) if t is not None)
 
 
 @dataclass(frozen=True)
@@ -250,6 +247,17 @@ class Site:
         for consumer in self.consumers:
             names += [describe(n) for n in consumer.nodes]
         return names
+
+
+def _size(tensor: gs.Tensor, constants: Constants) -> int:
+    """Element count of a weight: from its value, else its static shape (a graph input), else 0."""
+    value = constants.value(tensor)
+    if value is not None:
+        return int(value.size)
+    shape = tensor.shape
+    if shape is not None and all(isinstance(d, int) for d in shape):
+        return int(np.prod(shape))
+    return 0
 
 
 def _is_float(dtype) -> bool:
