@@ -26,6 +26,12 @@ def _ops(model: onnx.ModelProto) -> list[str]:
     return [node.op_type for node in model.graph.node]
 
 
+def _tensors(model: torch.nn.Module) -> int:
+    """Float parameters and buffers: ONNX initializers also hold batch-norm running statistics."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() for t in tensors if t.is_floating_point())
+
+
 def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: x})[0]
@@ -62,13 +68,13 @@ def test_export_keeps_prelu_then_fuse_collapses_the_same_blocks(
     assert "PRelu" not in _ops(result.model)
 
     # The graph pass and the torch collapse agree on the result.
-    params_before = sum(p.numel() for p in model.parameters())
+    params_before = _tensors(model)
     torch_linears = collapse(model)
     assert len(torch_linears) == n_sites
     with torch.no_grad():
         collapsed_torch = model(x).numpy()
     np.testing.assert_allclose(_run(result.model, x.numpy()), collapsed_torch, rtol=1e-4, atol=1e-5)
-    params_after = sum(p.numel() for p in model.parameters())
+    params_after = _tensors(model)
     assert report["params_before"] - report["params_after"] == params_before - params_after
 
 
