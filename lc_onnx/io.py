@@ -178,17 +178,22 @@ def _expected_nbytes(tensor: onnx.TensorProto) -> int | None:
 
 def read_tensor(tensor: onnx.TensorProto, base_dir: Path | None) -> np.ndarray:
     """The tensor's values as numpy; external data is memory-mapped, not copied."""
-    if not _is_external(tensor):
-        return numpy_helper.to_array(tensor)
-    target, offset, length = external_path(tensor, base_dir)
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    shape = tuple(tensor.dims)
-    count = int(np.prod(shape, dtype=np.int64))
-    if count == 0:
-        return np.zeros(shape, dtype=dtype)
-    data = np.memmap(target, dtype=np.uint8, mode="r", offset=offset, shape=(length,))
-    # ONNX stores little-endian; memmap views stay lazy until the values are used.
-    return np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<"), count=count).reshape(shape)
+    try:
+        if not _is_external(tensor):
+            return numpy_helper.to_array(tensor)
+        target, offset, length = external_path(tensor, base_dir)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        shape = tuple(tensor.dims)
+        count = int(np.prod(shape, dtype=np.int64))
+        if count == 0:
+            return np.zeros(shape, dtype=dtype)
+        data = np.memmap(target, dtype=np.uint8, mode="r", offset=offset, shape=(length,))
+        # ONNX stores little-endian; memmap views stay lazy until the values are used.
+        return np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<"), count=count).reshape(shape)
+    except (ValueError, TypeError, KeyError) as exc:  # data of the wrong size for its dims, unknown dtype
+        raise UserError(
+            f"tensor {tensor.name!r}: data does not match its type and shape ({_first_line(exc)})"
+        ) from None
 
 
 def _inline(tensor: onnx.TensorProto, base_dir: Path | None) -> None:
