@@ -98,7 +98,7 @@ def input_shapes(
                 f"input {value.name!r} has no known rank; give its shape with --input-shape {value.name}:DxD..."
             )
         shapes[value.name] = tuple(
-            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else DEFAULT_DYNAMIC_DIM
+            d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else DEFAULT_DYNAMIC_DIM
             for d in tensor_type.shape.dim
         )
     if overrides:
