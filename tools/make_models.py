@@ -56,6 +56,10 @@ def build(name: str, k: int | None, seed: int) -> tuple[nn.Module, list[str]]:
     blocks = list(model.blocks)
     chosen = blocks if k is None else blocks[len(blocks) - k :]
     chosen_ids = {id(b) for b in chosen}
+    head = getattr(model, "head", None)
+    if isinstance(head, nn.Linear) and not head.weight.any():
+        # Mixer zero-inits its head: every logit would be 0 and verifying the fuse would prove nothing.
+        nn.init.normal_(head.weight, std=0.02)
     changed = []
     for block_index, block in enumerate(blocks):
         for mlp_name, mlp in mlp_modules(block):

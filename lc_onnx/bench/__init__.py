@@ -41,8 +41,9 @@ def run_bench(
     """
     config = config or BenchConfig()
     models = labelled([Path(original), Path(fused)], None if oracle is None else Path(oracle))
+    env = environment()  # before the timing, so the load average is the other processes'
     runs = bench_models(models, config, progress)
-    result = BenchResult({k: str(v) for k, v in models.items()}, config, runs, environment())
+    result = BenchResult({k: str(v) for k, v in models.items()}, config, runs, env)
     if profile_runs > 0:
         from lc_onnx.bench.profile import profile_op_times
 

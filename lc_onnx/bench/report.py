@@ -38,6 +38,8 @@ def environment() -> dict[str, object]:
         "cpu_count": os.cpu_count(),
         "onnxruntime": ort.__version__,
         "python": platform.python_version(),
+        # Load from other processes when the timing started: the timings are only as quiet as this.
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "platform": platform.platform(),
     }
 
@@ -65,6 +67,7 @@ class BenchResult:
                 row[f"{label}_ms_median"] = timing.ms_median
                 row[f"{label}_ms_p90"] = timing.ms_p90
                 row[f"{label}_ms_p99"] = timing.ms_p99
+                row[f"{label}_ms_min"] = timing.ms_min
                 row[f"{label}_throughput"] = timing.throughput
                 row[f"{label}_macs"] = run.macs[label]
             a, b = run.timings["a"], run.timings["b"]

@@ -3,7 +3,8 @@
 Every model gets the same session options (graph optimisation `ORT_ENABLE_ALL`, the fair baseline since
 onnxruntime fuses some ops itself; fixed intra-op threads; one inter-op thread; sequential execution) and
 the same random feeds. Runs are interleaved A B A B ... so that drift of the machine (clock, thermals,
-other processes) hits every model alike. On CUDA, inputs and outputs live on the device through I/O
+other processes) hits every model alike; the order rotates every round (A B, B A, ...) so that no model
+always runs right after the same other one. On CUDA, inputs and outputs live on the device through I/O
 binding and each timed run ends with a device synchronisation, so the time is the GPU's, not the launch's.
 """
 
@@ -64,6 +65,7 @@ class Timing:
     ms_median: float
     ms_p90: float
     ms_p99: float
+    ms_min: float
     throughput: float  # samples (batch items) per second at the median latency
     samples_ms: tuple[float, ...] = field(repr=False, default=())
 
@@ -75,6 +77,7 @@ class Timing:
             ms_median=median,
             ms_p90=float(np.percentile(arr, 90)),
             ms_p99=float(np.percentile(arr, 99)),
+            ms_min=float(arr.min()),
             throughput=batch * 1000.0 / median,
             samples_ms=tuple(float(x) for x in arr),
         )
@@ -256,7 +259,9 @@ def bench_models(
         runners = {label: make_runner(sessions[label], feeds) for label in labels}
         samples: dict[str, list[float]] = {label: [] for label in labels}
         for round_index in range(config.warmup + config.runs):
-            for label in labels:
+            # Rotate who goes first so no model always runs right after the same other one.
+            shift = round_index % len(labels)
+            for label in labels[shift:] + labels[:shift]:
                 elapsed = runners[label]()
                 if round_index >= config.warmup:
                     samples[label].append(elapsed)

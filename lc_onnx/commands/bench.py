@@ -1,8 +1,8 @@
 """Time a fused model against its original on onnxruntime, fairly.
 
 Both models get the same session options (graph optimisation ORT_ENABLE_ALL, fixed intra-op threads,
-one inter-op thread) and the same random inputs, and run interleaved A B A B ... so machine drift hits
-both alike. Per batch size it reports median, p90 and p99 latency, throughput, the realized speedup, the
+one inter-op thread) and the same random inputs, and run interleaved (A B, B A, A B, ...) so machine drift
+hits both alike. Per batch size it reports median, p90 and p99 latency, throughput, the realized speedup, the
 ideal speedup from counted multiply-accumulates (MatMul, Gemm, Conv, attention included) at the same
 shapes, and their ratio. On CUDA, inputs and outputs stay on the device (I/O binding) and every timed
 run is synchronised.
