@@ -14,13 +14,27 @@ from collections.abc import Sequence
 import numpy as np
 
 from lc_onnx import runtime
+from lc_onnx.errors import UserError, VerificationError
 from lc_onnx.report import OutputError, Verification
 
 
-def run_all(source, feeds: Sequence[dict[str, np.ndarray]]) -> tuple[list[str], list[list[np.ndarray]]]:
+def run_all(
+    source, feeds: Sequence[dict[str, np.ndarray]], *, fused: bool = False
+) -> tuple[list[str], list[list[np.ndarray]]]:
+    """Every output of the model for every feed; a run that fails is the input's fault for the original
+    (wrong shapes or types in the feeds, an invalid graph) and a failed verification for the fused model."""
     session = runtime.make_session(source)
     names = [o.name for o in session.get_outputs()]
-    results = [session.run(names, feed) for feed in feeds]
+    try:
+        results = [session.run(names, feed) for feed in feeds]
+    except Exception as exc:
+        if fused:
+            raise VerificationError(
+                f"onnxruntime cannot run the fused model: {_one_line(exc)}; nothing written"
+            ) from None
+        raise UserError(
+            f"onnxruntime cannot run the model on the verification inputs: {_one_line(exc)}"
+        ) from None
     del session
     gc.collect()
     return names, results
@@ -29,7 +43,7 @@ def run_all(source, feeds: Sequence[dict[str, np.ndarray]]) -> tuple[list[str], 
 def compare(original, fused, feeds: Sequence[dict[str, np.ndarray]]) -> Verification:
     """Run both models (paths or serialized bytes) on `feeds` and measure the output differences."""
     names, expected = run_all(original, feeds)
-    fused_names, actual = run_all(fused, feeds)
+    fused_names, actual = run_all(fused, feeds, fused=True)
     if fused_names != names:
         raise AssertionError(f"fused model outputs {fused_names} differ from the original's {names}")
     outputs = {}
@@ -52,3 +66,9 @@ def compare(original, fused, feeds: Sequence[dict[str, np.ndarray]]) -> Verifica
         )
         outputs[name] = OutputError(max_abs=max_abs, rel_l2=rel)
     return Verification(outputs=outputs, feeds=len(feeds))
+
+
+def _one_line(exc: BaseException) -> str:
+    # onnxruntime spreads one message over several lines ("index: 0 Got: 2 Expected: 3").
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text.rstrip(".")[:400] or type(exc).__name__
