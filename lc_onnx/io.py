@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from lc_onnx import wire
 from lc_onnx.errors import UserError
 
 # Tensors at least this large go to the external data file when a model is saved with external data.
@@ -33,11 +34,17 @@ _COPY_CHUNK = 64 * 2**20
 
 @dataclass
 class LoadedModel:
-    """A model proto whose external tensors (if any) still live in files under `base_dir`."""
+    """A model proto whose external tensors (if any) still live in files under `base_dir`.
+
+    `source_external` says whether the model on disk used external data files; large inline weights of a
+    self-contained `.onnx` are also left on disk (as references into the `.onnx` itself, see `wire`), but
+    such a model is written back self-contained.
+    """
 
     proto: onnx.ModelProto
     base_dir: Path | None
     path: Path | None = None
+    source_external: bool = False
 
     @property
     def has_external_data(self) -> bool:
@@ -67,17 +74,26 @@ def load(path: str | os.PathLike) -> LoadedModel:
         raise UserError(f"{p}: cannot read ({exc.strerror})") from None
     if size == 0:
         raise UserError(f"{p}: empty file, not an ONNX model")
+    proto = onnx.ModelProto()
     try:
-        proto = onnx.load(str(p), load_external_data=False)
+        data, moved = wire.read_model_bytes(p)
+        proto.ParseFromString(data)
     except PermissionError:
         raise UserError(f"{p}: permission denied") from None
-    except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning-ish errors, ValueError...
+    except OSError as exc:
+        raise UserError(f"{p}: cannot read ({exc.strerror})") from None
+    except Exception as exc:  # wire.WireError, protobuf's DecodeError
         raise UserError(
             f"{p}: not a readable ONNX model ({type(exc).__name__}: {_first_line(exc)})"
         ) from None
     if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
         raise UserError(f"{p}: not an ONNX model (no graph found)")
-    loaded = LoadedModel(proto, p.resolve().parent, p)
+    # References into the .onnx itself come from `wire`; any other location is a real external data file.
+    source_external = any(
+        _is_external(t) and not (moved and _external_info(t).get("location") == p.name)
+        for t in iter_tensors(proto)
+    )
+    loaded = LoadedModel(proto, p.resolve().parent, p, source_external)
     for tensor in iter_tensors(proto):
         if _is_external(tensor):
             external_path(tensor, loaded.base_dir)
@@ -87,6 +103,7 @@ def load(path: str | os.PathLike) -> LoadedModel:
 def from_proto(model: onnx.ModelProto, base_dir: str | os.PathLike | None = None) -> LoadedModel:
     """Wrap an in-memory proto; external tensors (if any) resolve against `base_dir`."""
     loaded = LoadedModel(model, Path(base_dir).resolve() if base_dir is not None else None)
+    loaded.source_external = loaded.has_external_data
     for tensor in iter_tensors(model):
         if _is_external(tensor):
             if loaded.base_dir is None:
@@ -125,6 +142,44 @@ def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
 
 def _is_external(tensor: onnx.TensorProto) -> bool:
     return tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` without large tensor data: dims and types only (for shape inference and counting).
+
+    Main-graph initializers of at least `EXTERNAL_MIN_BYTES` become empty stubs marked as external data
+    (shape inference reads only their dims); small ones, such as shape constants, keep their values.
+    """
+    out = onnx.ModelProto()
+    graph = model.graph
+    big = [t for t in graph.initializer if _is_external(t) or len(t.raw_data) >= EXTERNAL_MIN_BYTES]
+    if not big:
+        out.CopyFrom(model)
+        return out
+    keep = onnx.GraphProto()
+    for name in ("node", "input", "output", "value_info", "sparse_initializer", "quantization_annotation"):
+        getattr(keep, name).extend(getattr(graph, name))
+    keep.name, keep.doc_string = graph.name, graph.doc_string
+    big_names = {t.name for t in big}
+    keep.initializer.extend(t for t in graph.initializer if t.name not in big_names)
+    for t in big:
+        stub = keep.initializer.add()
+        stub.name, stub.data_type = t.name, t.data_type
+        stub.dims.extend(t.dims)
+        stub.data_location = onnx.TensorProto.EXTERNAL
+        entry = stub.external_data.add()
+        entry.key, entry.value = "location", "stripped-by-lc-onnx"
+    for descriptor, value in model.ListFields():
+        if descriptor.name == "graph":
+            continue
+        if hasattr(value, "extend"):  # repeated field
+            getattr(out, descriptor.name).extend(value)
+        elif hasattr(value, "CopyFrom"):
+            getattr(out, descriptor.name).CopyFrom(value)
+        else:
+            setattr(out, descriptor.name, value)
+    out.graph.CopyFrom(keep)
+    return out
 
 
 def _external_info(tensor: onnx.TensorProto) -> dict[str, str]:
@@ -227,7 +282,7 @@ def save(loaded: LoadedModel, path: str | os.PathLike, *, external: bool | None 
     if not os.access(parent, os.W_OK):
         raise UserError(f"{out}: directory {parent} is not writable")
     if external is None:
-        external = loaded.has_external_data or _inline_bytes(loaded.proto) > PROTO_LIMIT_BYTES
+        external = loaded.source_external or _data_bytes(loaded.proto) > PROTO_LIMIT_BYTES
     model = loaded.proto
     data_name = data_file_name(out)
     tmp_model = tmp_data = None
@@ -269,8 +324,15 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external: boo
     return save(from_proto(copy), path, external=external)
 
 
-def _inline_bytes(model: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) for t in iter_tensors(model)) + model.ByteSize() // 8
+def _data_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of tensor data, inline or external: what the model would weigh as one protobuf."""
+    total = 0
+    for tensor in iter_tensors(model):
+        if _is_external(tensor):
+            total += int(_external_info(tensor).get("length", 0) or 0) or (_expected_nbytes(tensor) or 0)
+        else:
+            total += len(tensor.raw_data)
+    return total + model.ByteSize()
 
 
 def _write_external(model: onnx.ModelProto, base_dir: Path | None, data, data_name: str) -> None:

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,14 +37,23 @@ MAX_ROUNDS = 16
 EXACT_TOLERANCE = 1e-5
 
 
-@dataclass
 class FuseResult:
-    """The fused model, the report, and where it was written (None when not written)."""
+    """The fused model, the report, and where the model was written (None when kept in memory).
 
-    model: onnx.ModelProto
-    report: Report
-    path: Path | None = None
-    decisions: list[Collapse | Skip] = field(default_factory=list, repr=False)
+    When the model was written, `model` is read back from `path` on first access, so a fuse of a large
+    model does not keep its weights in memory.
+    """
+
+    def __init__(self, model: onnx.ModelProto | None, report: Report, path: Path | None = None) -> None:
+        self._model = model
+        self.report = report
+        self.path = path
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        if self._model is None:
+            self._model = io.load_model(self.path)
+        return self._model
 
     @property
     def collapsed(self) -> int:
@@ -57,7 +66,6 @@ class Rewritten:
 
     proto: onnx.ModelProto | None
     sites: list[SiteReport]
-    exact: bool
 
 
 def fuse(
@@ -101,43 +109,50 @@ def fuse(
 
     options = Options(threshold=threshold, allow_growth=allow_growth, fits=fits)
     rewritten = collapse_graph(loaded, options)
-    fused = io.LoadedModel(rewritten.proto, loaded.base_dir) if rewritten.proto is not None else loaded
+    fused = (
+        io.LoadedModel(rewritten.proto, loaded.base_dir, source_external=loaded.source_external)
+        if rewritten.proto is not None
+        else loaded
+    )
 
     shapes = runtime.input_shapes(loaded.proto, input_shapes)
     feed_list = [dict(f) for f in feeds] if feeds is not None else None
     if feed_list is not None and not feed_list:
         raise UserError("no verification feeds given (the data is empty)")
+    if verify and rewritten.proto is not None and feed_list is None:
+        feed_list = [runtime.random_feeds(loaded.proto, shapes, seed=0)]
+    # Counting needs dims only: work on data-free skeletons.
+    before, after = io.skeleton(loaded.proto), io.skeleton(fused.proto)
+    report = Report(
+        sites=rewritten.sites,
+        params_before=_params(before),
+        params_after=_params(after),
+        macs_before=_macs(before, shapes),
+        macs_after=_macs(after, shapes),
+        verification=Verification(note="model unchanged: nothing collapsed"),
+    )
+    original_source = _session_source(loaded)
+    changed = rewritten.proto is not None
 
     with contextlib.ExitStack() as stack:
-        staging = None
-        if out_path is not None or (rewritten.proto is not None and fused.has_external_data and verify):
+        staging = staged = None
+        if out_path is not None or (changed and fused.has_external_data and verify):
             parent = out_path.parent if out_path is not None else None
             if parent is not None and not parent.is_dir():
                 raise UserError(f"{out_path}: directory {parent} does not exist")
             staging = Path(stack.enter_context(_staging_dir(parent)))
             staged = staging / (out_path.name if out_path is not None else "model.onnx")
             io.save(fused, staged)
-        verification = Verification(note="model unchanged: nothing collapsed")
-        if rewritten.proto is not None and verify:
-            if feed_list is None:
-                feed_list = [runtime.random_feeds(loaded.proto, shapes, seed=0)]
-            original_source = _session_source(loaded)
-            fused_source = (
-                str(staging / staged.name) if staging is not None else fused.proto.SerializeToString()
-            )
-            verification = compare(original_source, fused_source, feed_list)
-        elif rewritten.proto is not None:
-            verification = Verification(note="verification disabled (--no-verify)")
-
-        report = Report(
-            sites=rewritten.sites,
-            params_before=_params(loaded.proto),
-            params_after=_params(fused.proto),
-            macs_before=_macs(loaded.proto, shapes),
-            macs_after=_macs(fused.proto, shapes),
-            verification=verification,
-        )
+            # The weights now live in files; drop the in-memory copies before onnxruntime loads both models.
+            loaded.proto = before
+            fused = rewritten = None
+        if changed and verify:
+            fused_source = str(staged) if staged is not None else fused.proto.SerializeToString()
+            report.verification = compare(original_source, fused_source, feed_list)
+        elif changed:
+            report.verification = Verification(note="verification disabled (--no-verify)")
         report.seconds = time.perf_counter() - start
+        verification = report.verification
         worst = verification.worst_rel_l2
         if worst > max_error:
             raise VerificationError(
@@ -145,36 +160,24 @@ def fuse(
                 f" (output {max(verification.outputs, key=lambda k: verification.outputs[k].rel_l2)!r}); "
                 "nothing written"
             )
-        if rewritten.exact and verification.outputs and worst > EXACT_TOLERANCE:
-            log.warning(
-                "exact collapse but relative L2 error %.3g (> %g): float rounding is unusually large",
-                worst,
-                EXACT_TOLERANCE,
-            )
+        if changed and all(s.extra.get("exact") for s in report.collapsed) and worst > EXACT_TOLERANCE:
+            log.warning("exact collapse but relative L2 error %.3g (> %g)", worst, EXACT_TOLERANCE)
         if out_path is not None:
             _publish(staging, out_path)
-            result_model = fused.proto
-            written: Path | None = out_path
-        else:
-            written = None
-            result_model = io.load_model(staging / staged.name) if staging is not None else fused.proto
-    return FuseResult(model=result_model, report=report, path=written)
+            return FuseResult(None, report, path=out_path)
+        model_out = io.load_model(staged) if staged is not None else fused.proto
+    return FuseResult(model_out, report)
 
 
 def collapse_graph(loaded: io.LoadedModel, options: Options) -> Rewritten:
     """Run find/decide/rewrite rounds on a copy of the graph; the input proto is not modified."""
     proto = loaded.proto
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto)
-    except Exception as exc:  # shapes only refine matching (ranks); go on without them
-        log.info("shape inference failed (%s); matching without shapes", exc)
-        inferred = proto
-    graph = gs.import_onnx(inferred)
+    graph = gs.import_onnx(proto)
+    _add_inferred_shapes(graph, io.skeleton(proto))
     constants = Constants(graph, loaded.base_dir, opset_of(proto))
     finder = SiteFinder(graph, constants)
     reports: list[SiteReport] = []
     skipped: list[SiteReport] = []
-    exact = True
     changed = False
     for _ in range(MAX_ROUNDS):
         decisions = decide(list(finder.sites()), constants, options)
@@ -183,14 +186,13 @@ def collapse_graph(loaded: io.LoadedModel, options: Options) -> Rewritten:
         if not collapses:
             break
         reports += [_collapse_report(c, constants) for c in collapses]
-        exact = exact and all(c.exact for c in collapses)
         rewrite.apply(graph, collapses, constants)
         changed = True
     if not changed:
-        return Rewritten(None, skipped, True)
+        return Rewritten(None, skipped)
     new = gs.export_onnx(graph, do_type_check=False)
     _restore_model_fields(new, proto)
-    return Rewritten(new, reports + skipped, exact)
+    return Rewritten(new, reports + skipped)
 
 
 def _slopes(sites, constants: Constants) -> dict[str, list[float]]:
@@ -202,6 +204,26 @@ def _slopes(sites, constants: Constants) -> dict[str, list[float]]:
             if values is not None and values.size:
                 found[step.key] = [float(values.min()), float(values.max())]
     return found
+
+
+def _add_inferred_shapes(graph: gs.Graph, skeleton: onnx.ModelProto) -> None:
+    """Give graph tensors the shapes onnx infers (on the data-free skeleton: no weights are serialized)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton)
+    except Exception as exc:  # shapes only refine matching (ranks); go on without them
+        log.info("shape inference failed (%s); matching without shapes", exc)
+        return
+    tensors = graph.tensors()
+    for info in inferred.graph.value_info:
+        tensor = tensors.get(info.name)
+        if isinstance(tensor, gs.Variable) and tensor.shape is None and info.type.HasField("tensor_type"):
+            tt = info.type.tensor_type
+            if tt.HasField("shape"):
+                tensor.shape = [
+                    d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim
+                ]
+            if tensor.dtype is None and tt.elem_type:
+                tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
 
 
 def _collapse_report(c: Collapse, constants: Constants) -> SiteReport:
