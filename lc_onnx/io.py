@@ -257,7 +257,7 @@ def _inline(tensor: onnx.TensorProto, base_dir: Path | None) -> None:
         f.seek(offset)
         raw = f.read(length)
     del tensor.external_data[:]
-    tensor.data_location = onnx.TensorProto.DEFAULT
+    tensor.ClearField("data_location")  # proto2: an explicit DEFAULT would be serialized
     tensor.raw_data = raw
 
 
