@@ -19,6 +19,8 @@ _EXPORTS = {
     "TritonConfig": "config",
     "build_config": "config",
     "signature_of": "config",
+    "RepositoryPlan": "triton",
+    "check_model_repository": "triton",
     "write_model_repository": "triton",
 }
 

@@ -24,6 +24,7 @@ directories are removed, so Triton never sees a half-written model or version di
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,33 @@ MODEL_FILE = "model.onnx"
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
+@dataclass(frozen=True)
+class RepositoryPlan:
+    """What a write would do, decided before anything is written."""
+
+    model_dir: Path
+    version: int
+    config: TritonConfig
+    config_text: str
+
+    @property
+    def version_dir(self) -> Path:
+        return self.model_dir / str(self.version)
+
+
+def check_model_repository(
+    model: onnx.ModelProto | io.LoadedModel | str | os.PathLike,
+    repo_dir: str | os.PathLike,
+    options: TritonOptions | None = None,
+) -> RepositoryPlan:
+    """Make every check `write_model_repository` makes, write nothing, and say what it would write.
+
+    Fusing keeps the graph's inputs and outputs, so checking the original model before a long fuse
+    catches a bad option (a batch size on a graph without a batch dimension, an existing version) early.
+    """
+    return _plan(_as_loaded(model), Path(repo_dir), options or TritonOptions())
+
+
 def write_model_repository(
     model: onnx.ModelProto | io.LoadedModel | str | os.PathLike,
     repo_dir: str | os.PathLike,
@@ -68,15 +97,48 @@ def write_model_repository(
             in-memory proto (whose tensors must then all be inline).
         options: serving options; the name defaults to the model file's stem (for a proto without a
             path: the graph's name), the version to one above the highest existing one.
-        report: the fuse report (`Report.to_dict()`), written as `fuse_report_vN.json` beside the config.
+        report: the fuse report (`Report.to_dict()`), written as `fuse_report_vN.json` beside the config;
+            without one, a replaced version's old report is removed.
         check_loads: open the staged model in onnxruntime (CPU) before publishing it and check its input
             and output names against the config.
 
     Returns:
         The version directory that was written.
     """
-    options = options or TritonOptions()
     loaded = _as_loaded(model)
+    repo = Path(repo_dir)
+    plan = _plan(loaded, repo, options or TritonOptions())
+    report_text = json.dumps(dict(report), indent=2) + "\n" if report is not None else None
+    model_dir, version = plan.model_dir, plan.version
+
+    created_repo = not repo.exists()
+    try:
+        repo.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{repo}: cannot create ({exc.strerror or exc})") from None
+    try:
+        if not model_dir.exists():
+            _write_new_model(loaded, plan, report_text, check_loads)
+        else:
+            _write_version(loaded, plan.config, model_dir, version, check_loads)
+            if _read_text(model_dir / CONFIG_NAME) != plan.config_text:
+                log.warning("replacing %s", model_dir / CONFIG_NAME)
+                _write_text_atomic(model_dir / CONFIG_NAME, plan.config_text)
+            if report_text is not None:
+                _write_text_atomic(model_dir / _report_name(version), report_text)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(model_dir / _report_name(version))
+    except BaseException:
+        if created_repo:
+            with contextlib.suppress(OSError):
+                repo.rmdir()  # only succeeds when nothing else landed in it
+        raise
+    log.info("wrote %s (max_batch_size %d)", plan.version_dir, plan.config.max_batch_size)
+    return plan.version_dir
+
+
+def _plan(loaded: io.LoadedModel, repo: Path, options: TritonOptions) -> RepositoryPlan:
     name = _model_name(options.name, loaded)
     instance_kind = options.instance_kind or ("gpu" if options.accelerator != "none" else "cpu")
     config = build_config(
@@ -89,51 +151,27 @@ def write_model_repository(
         dynamic_batching=options.dynamic_batching,
         accelerator=options.accelerator,
     )
-    config_text = config.to_pbtxt()
-    report_text = json.dumps(dict(report), indent=2) + "\n" if report is not None else None
-
-    repo = Path(repo_dir)
     if repo.exists() and not repo.is_dir():
         raise UserError(f"{repo}: exists and is not a directory")
     model_dir = repo / name
     if model_dir.exists() and not model_dir.is_dir():
         raise UserError(f"{model_dir}: exists and is not a directory")
-
     existing = _versions(model_dir)
     version = options.version if options.version is not None else max(existing, default=0) + 1
-    version_dir = model_dir / str(version)
-    if version_dir.exists() and not options.force:
-        raise UserError(f"{version_dir}: version {version} already exists; pass --force to replace it")
-    _check_config_compatible(model_dir / CONFIG_NAME, config_text, options.force)
-    if loaded.path is not None and _inside(loaded.path, version_dir):
-        raise UserError(f"{loaded.path}: the input model is inside {version_dir}, which would be replaced")
+    plan = RepositoryPlan(model_dir, version, config, config.to_pbtxt())
+    if plan.version_dir.exists() and not options.force:
+        raise UserError(f"{plan.version_dir}: version {version} already exists; pass --force to replace it")
+    _check_config_compatible(model_dir / CONFIG_NAME, plan.config_text, options.force)
+    if loaded.path is not None and _inside(loaded.path, plan.version_dir):
+        raise UserError(
+            f"{loaded.path}: the input model is inside {plan.version_dir}, which would be replaced"
+        )
     if existing and version < max(existing):
         log.warning(
             "version %d is below the highest existing version %d; Triton's default policy serves only %d",
             version, max(existing), max(existing),
         )  # fmt: skip
-
-    created_repo = not repo.exists()
-    try:
-        repo.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"{repo}: cannot create ({exc.strerror or exc})") from None
-    try:
-        if not model_dir.exists():
-            _write_new_model(loaded, config, config_text, report_text, model_dir, version, check_loads)
-        else:
-            _write_version(loaded, config, model_dir, version, check_loads)
-            if _read_text(model_dir / CONFIG_NAME) != config_text:
-                _write_text_atomic(model_dir / CONFIG_NAME, config_text)
-            if report_text is not None:
-                _write_text_atomic(model_dir / _report_name(version), report_text)
-    except BaseException:
-        if created_repo:
-            with contextlib.suppress(OSError):
-                repo.rmdir()  # only succeeds when nothing else landed in it
-        raise
-    log.info("wrote %s (max_batch_size %d)", version_dir, config.max_batch_size)
-    return version_dir
+    return plan
 
 
 def _as_loaded(model: onnx.ModelProto | io.LoadedModel | str | os.PathLike) -> io.LoadedModel:
@@ -177,8 +215,6 @@ def _check_config_compatible(path: Path, config_text: str, force: bool) -> None:
         return
     old = _read_text(path)
     if old == config_text or force:
-        if old != config_text:
-            log.warning("replacing %s (it differed from the config for this model)", path)
         return
     old_lines, new_lines = old.splitlines(), config_text.splitlines()
     line = next(
@@ -195,19 +231,14 @@ def _check_config_compatible(path: Path, config_text: str, force: bool) -> None:
 
 
 def _write_new_model(
-    loaded: io.LoadedModel,
-    config: TritonConfig,
-    config_text: str,
-    report_text: str | None,
-    model_dir: Path,
-    version: int,
-    check_loads: bool,
+    loaded: io.LoadedModel, plan: RepositoryPlan, report_text: str | None, check_loads: bool
 ) -> None:
+    model_dir = plan.model_dir
     with _staging(model_dir.parent, f".{model_dir.name}.lc-onnx-") as stage:
-        _save_version(loaded, config, stage / str(version), check_loads)
-        (stage / CONFIG_NAME).write_text(config_text)
+        _save_version(loaded, plan.config, stage / str(plan.version), check_loads)
+        (stage / CONFIG_NAME).write_text(plan.config_text)
         if report_text is not None:
-            (stage / _report_name(version)).write_text(report_text)
+            (stage / _report_name(plan.version)).write_text(report_text)
         _make_readable(stage)
         try:
             os.rename(stage, model_dir)
@@ -242,7 +273,7 @@ def _save_version(loaded: io.LoadedModel, config: TritonConfig, version_dir: Pat
     # io.save rewrites the proto's external-data references to the new file; keep the caller's intact.
     proto = onnx.ModelProto()
     proto.CopyFrom(loaded.proto)
-    path = io.save(io.LoadedModel(proto, loaded.base_dir, loaded.path), version_dir / MODEL_FILE)
+    path = io.save(dataclasses.replace(loaded, proto=proto), version_dir / MODEL_FILE)
     if check_loads:
         _check_onnxruntime_loads(path, config)
 
@@ -333,6 +364,8 @@ def _inside(path: Path, directory: Path) -> bool:
 
 __all__ = [
     "DEFAULT_MAX_BATCH_SIZE",
+    "RepositoryPlan",
+    "check_model_repository",
     "TritonOptions",
     "add_triton_arguments",
     "triton_options_from_args",

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import lc_onnx
 from lc_onnx.demo import build_demo_model
-from lc_onnx.deploy import TritonOptions, write_model_repository
+from lc_onnx.deploy import TritonOptions, check_model_repository, write_model_repository
 from lc_onnx.errors import UserError
 from tests.deploy import helpers
 
@@ -30,8 +30,8 @@ def small_model(width: int = 4) -> onnx.ModelProto:
     )
 
 
-def big_external_model(tmp_path, rows: int = 64, cols: int = 64):
-    """A MatMul model saved with its weight in an external data file; returns (path, weight)."""
+def big_model(tmp_path, external: bool, rows: int = 64, cols: int = 64):
+    """A MatMul model with a 16 KiB weight, saved with or without an external data file; (path, weight)."""
     weight = np.random.default_rng(0).standard_normal((rows, cols)).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"])],
@@ -43,7 +43,10 @@ def big_external_model(tmp_path, rows: int = 64, cols: int = 64):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     path = tmp_path / "src" / "big.onnx"
     path.parent.mkdir()
-    onnx.save(model, path, save_as_external_data=True, location="big.weights", size_threshold=0)
+    if external:
+        onnx.save(model, path, save_as_external_data=True, location="big.weights", size_threshold=0)
+    else:
+        onnx.save(model, path)
     return path, weight
 
 
@@ -83,16 +86,19 @@ def test_fused_model_serves_the_fused_outputs(tmp_path, fused):
     assert len(record["sites"]) == len(fused.report.sites)
 
 
-def test_external_data_travels_with_the_version(tmp_path):
-    path, weight = big_external_model(tmp_path)
+@pytest.mark.parametrize("external", [True, False], ids=["external", "self-contained"])
+def test_weights_travel_with_the_version(tmp_path, external):
+    path, weight = big_model(tmp_path, external)
+    source_files = sorted(p.name for p in path.parent.iterdir())
     version_dir = write_model_repository(path, tmp_path / "repo")
     assert version_dir == tmp_path / "repo" / "big" / "1"
-    assert sorted(p.name for p in version_dir.iterdir()) == ["model.onnx", "model.onnx.data"]
+    expected = ["model.onnx", "model.onnx.data"] if external else ["model.onnx"]
+    assert sorted(p.name for p in version_dir.iterdir()) == expected
     x = np.random.default_rng(2).standard_normal((2, 64)).astype(np.float32)
     [y] = helpers.run_ort(version_dir / "model.onnx", {"x": x})
     np.testing.assert_allclose(y, x @ weight, rtol=1e-5, atol=1e-5)
     # The source is untouched and still loads on its own.
-    assert sorted(p.name for p in path.parent.iterdir()) == ["big.onnx", "big.weights"]
+    assert sorted(p.name for p in path.parent.iterdir()) == source_files
     [y_src] = helpers.run_ort(path, {"x": x})
     np.testing.assert_array_equal(y, y_src)
 
@@ -227,3 +233,27 @@ def test_written_files_are_readable_by_a_server_running_as_another_user(tmp_path
         assert mode & 0o044 == 0o044, f"{p} has mode {oct(mode)}"
         if p.is_dir():
             assert mode & 0o011 == 0o011, f"{p} has mode {oct(mode)}"
+
+
+def test_check_decides_without_writing(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(small_model(), path)
+    plan = check_model_repository(path, tmp_path / "repo", TritonOptions(dynamic_batching=True))
+    assert (plan.version_dir, plan.config.max_batch_size) == (tmp_path / "repo" / "m" / "1", 8)
+    assert helpers.parse_config_text(plan.config_text).HasField("dynamic_batching")
+    assert not (tmp_path / "repo").exists()
+    with pytest.raises(UserError, match=r"--max-batch-size 8 needs a leading dynamic batch dimension"):
+        check_model_repository(
+            onnx.parser.parse_model(HEADER + "g (float[2,4] x) => (float[2,4] y) { y = Relu(x) }"),
+            tmp_path / "repo",
+            TritonOptions(name="s", max_batch_size=8),
+        )
+    assert not (tmp_path / "repo").exists()
+
+
+def test_replacing_a_version_without_a_report_drops_the_old_report(tmp_path):
+    repo = tmp_path / "repo"
+    write_model_repository(small_model(), repo, TritonOptions(name="m"), report={"sites": []})
+    write_model_repository(small_model(), repo, TritonOptions(name="m"), report={"sites": [1]})
+    write_model_repository(small_model(), repo, TritonOptions(name="m", version=1, force=True))
+    assert sorted(p.name for p in (repo / "m").iterdir()) == ["1", "2", "config.pbtxt", "fuse_report_v2.json"]
