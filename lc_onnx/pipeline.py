@@ -173,8 +173,14 @@ def collapse_graph(loaded: io.LoadedModel, options: Options) -> Rewritten:
     """Run find/decide/rewrite rounds on a copy of the graph; the input proto is not modified."""
     proto = loaded.proto
     graph = gs.import_onnx(proto)
+    try:
+        graph.toposort()
+    except gs.util.exception.OnnxGraphSurgeonException:
+        raise UserError(
+            "the graph has a cycle (or several nodes writing one tensor); not a valid model"
+        ) from None
     _add_inferred_shapes(graph, io.skeleton(proto))
-    constants = Constants(graph, loaded.base_dir, opset_of(proto))
+    constants = Constants(graph, loaded.base_dir, opset_of(proto), graph_inputs=_feedable(proto))
     finder = SiteFinder(graph, constants)
     reports: list[SiteReport] = []
     skipped: list[SiteReport] = []
@@ -253,6 +259,15 @@ def _skip_report(s: Skip, constants: Constants) -> SiteReport:
     )
 
 
+def _feedable(proto: onnx.ModelProto) -> set[str]:
+    """Graph inputs a caller can feed. From IR 4 on, an initializer listed as an input is only a default
+    (it can be overridden, so it is no constant weight); IR 3 has to list every initializer as an input."""
+    names = {v.name for v in proto.graph.input}
+    if proto.ir_version < 4:
+        names -= {t.name for t in proto.graph.initializer}
+    return names
+
+
 def _restore_model_fields(new: onnx.ModelProto, old: onnx.ModelProto) -> None:
     """graphsurgeon rebuilds the ModelProto; keep everything about the model that the rewrite did not touch."""
     new.ir_version = old.ir_version
@@ -269,6 +284,19 @@ def _restore_model_fields(new: onnx.ModelProto, old: onnx.ModelProto) -> None:
     # Graph inputs/outputs keep their original declarations (names, order, types, shapes).
     del new.graph.input[:]
     new.graph.input.extend(old.graph.input)
+    if old.ir_version < 4:
+        # IR 3 declares every initializer as a graph input too: follow the initializers the rewrite changed.
+        kept = {t.name for t in new.graph.initializer}
+        removed = {t.name for t in old.graph.initializer} - kept
+        inputs = [v for v in new.graph.input if v.name not in removed]
+        declared = {v.name for v in inputs}
+        inputs += [
+            onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+            for t in new.graph.initializer
+            if t.name not in declared
+        ]
+        del new.graph.input[:]
+        new.graph.input.extend(inputs)
     del new.graph.output[:]
     new.graph.output.extend(old.graph.output)
 

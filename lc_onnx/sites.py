@@ -15,7 +15,7 @@ whether the activation is linear enough is for `decide`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,8 +56,12 @@ def describe(node: gs.Node) -> str:
 class Constants:
     """Values of constant tensors: initializers, `Constant` outputs and folded constant subgraphs."""
 
-    def __init__(self, graph: gs.Graph, base_dir: Path | None, opset: int) -> None:
-        self._graph_inputs = {t.name for t in graph.inputs}
+    def __init__(
+        self, graph: gs.Graph, base_dir: Path | None, opset: int, graph_inputs: Iterable[str] | None = None
+    ) -> None:
+        # graphsurgeon turns an initializer that is also a graph input into a Constant and drops it from
+        # `graph.inputs`; the caller passes the proto's input names so such overridable weights stay inputs.
+        self._graph_inputs = {t.name for t in graph.inputs} | set(graph_inputs or ())
         self._base_dir = base_dir
         self._opset = opset
         self._cache: dict[str, np.ndarray | None] = {}
