@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -255,20 +256,65 @@ def collapse(model: nn.Module, threshold: float = 0.05) -> list[str]:
         Qualified names of the new linear layers (the former `fc1` slots), output side first. A chain of
         blocks sharing Linears (`Linear, act, Linear, act, Linear`) becomes one Linear, named once.
     """
-    collapsed = []
+    final = surviving_linears(collapse_steps(model, threshold))
+    logger.info("collapsed into %d Linear(s): %s", len(final), ", ".join(final))
+    return final
+
+
+def surviving_linears(steps: Sequence[tuple[str, str]]) -> list[str]:
+    """The fc1 names of `collapse_steps` output that are still Linears (chains absorb later ones)."""
+    final: list[str] = []
+    for fc1_name, fc2_name in steps:
+        if fc2_name in final:  # a chain: the later block's Linear is now part of this one
+            final.remove(fc2_name)
+        final.append(fc1_name)
+    return final
+
+
+def collapse_steps(
+    model: nn.Module,
+    threshold: float = 0.05,
+    only: Collection[str] | None = None,
+    *,
+    any_activation: bool = False,
+) -> list[tuple[str, str]]:
+    """`collapse`, returning every step as (fc1 name, fc2 name) in the order done, absorbed ones included.
+
+    Replaying the fc1 names in this order with `restore_structure` rebuilds the same module tree (used to
+    load checkpoints of partly collapsed models). `only` restricts collapsing to blocks with these
+    activation names. `any_activation` collapses whatever the activation (the function changes; used to
+    build the collapsed architecture).
+    """
+    steps = []
     # Output side first: in `Linear, act, Linear, act, Linear` the later block's new Linear becomes the
     # earlier block's fc2, which must be in place before the earlier block reads it.
     for block in reversed(find_blocks(model)):
-        if not _act_is_linear(block.act, threshold):
+        if only is not None and block.name not in only:
             continue
-        if not _collapse_block(block):
-            continue
-        absorbed = _join(block.prefix, block.keys[-1])
-        if absorbed in collapsed:  # a chain: the later block's Linear is now part of this one
-            collapsed.remove(absorbed)
-        collapsed.append(block.fc1_name)
-    logger.info("collapsed %d block(s): %s", len(collapsed), ", ".join(collapsed))
-    return collapsed
+        if (any_activation or _act_is_linear(block.act, threshold)) and _collapse_block(block):
+            steps.append((block.fc1_name, _join(block.prefix, block.keys[-1])))
+    return steps
+
+
+def restore_structure(model: nn.Module, prelu: Collection[str], collapsed: Sequence[str]) -> None:
+    """Rebuild the module tree of a fine-tuned model on a fresh one, values to be loaded afterwards.
+
+    Args:
+        model: a freshly built model of the same architecture, changed in place.
+        prelu: activation names that were PReLU when the state was saved (`make_collapsible` names); a
+            name may carry `:N` for a PReLU with N slopes.
+        collapsed: fc1 names in the order `collapse_steps` collapsed them.
+    """
+    counts = dict(name.split(":") if ":" in name else (name, "1") for name in prelu)
+    by_name = {b.name: b for b in find_blocks(model)}
+    for name, count in counts.items():
+        if name not in by_name:
+            raise ValueError(f"checkpoint names a PReLU block {name!r} this model does not have")
+        convert_blocks([by_name[name]], init=1.0, per_channel=int(count) > 1)
+    for fc1_name in collapsed:
+        block = next((b for b in find_blocks(model) if b.fc1_name == fc1_name), None)
+        if block is None or not _collapse_block(block):
+            raise ValueError(f"checkpoint names a collapsed block at {fc1_name!r} this model does not have")
 
 
 def _collapse_block(block: Block) -> bool:

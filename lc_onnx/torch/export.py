@@ -67,6 +67,10 @@ def export_onnx(
                 # for a fixed architecture and would bury real warnings.
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 torch.onnx.export(model, inputs, tmp, dynamo=False, **kwargs)
+        # mkstemp creates the file 0600; give the export the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         model.train(was_training)
