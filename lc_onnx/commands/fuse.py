@@ -3,7 +3,8 @@
 Finds Gemm / MatMul(+Add) layers joined by Identity, Dropout, BatchNormalization or PRelu/LeakyRelu
 whose slopes are within --threshold of 1, rewrites each chain as one layer, runs the original and the
 fused model on the same inputs and writes the fused model only when every output's relative L2 error is
-within --max-error.
+within --max-error. With --triton-repo DIR the fused model is also written as a new version of a
+Triton model repository (see `lc-onnx deploy`; the repository options are checked before fusing).
 
 Exit codes: 0 done (also when nothing qualified: the output is then the same graph), 1 verification
 failed (nothing written), 2 bad input.
@@ -15,6 +16,7 @@ import argparse
 from pathlib import Path
 
 from lc_onnx.commands import common
+from lc_onnx.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-verify", action="store_true", help="skip the onnxruntime comparison (not recommended)"
     )
+    from lc_onnx.deploy.options import add_triton_arguments
+
+    add_triton_arguments(parser, repo_flag="--triton-repo", repo_required=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from lc_onnx.report import summary
 
     output = None if args.dry_run else (args.output or default_output(args.model))
+    deploy = _check_deploy(args) if args.triton_repo is not None else None
     result = fuse(
         args.model,
         output=output,
@@ -43,10 +49,30 @@ def run(args: argparse.Namespace) -> int:
     if args.report is not None:
         common.write_text_atomic(args.report, result.report.to_json() + "\n")
     print(f"wrote {output}" if output is not None else "dry run: no model written")
+    if deploy is not None:
+        from lc_onnx.deploy.triton import write_model_repository
+
+        version_dir = write_model_repository(output, args.triton_repo, deploy, report=result.report.to_dict())
+        print(f"wrote {version_dir}")
     return 0
+
+
+def _check_deploy(args: argparse.Namespace):
+    """The Triton options, checked against the input model (fusing keeps its inputs and outputs)."""
+    from lc_onnx.deploy.options import triton_options_from_args
+    from lc_onnx.deploy.triton import check_model_repository
+
+    if args.dry_run:
+        raise UserError("--triton-repo needs a written model; drop --dry-run")
+    options = triton_options_from_args(args, default_name=_stem(args.model))
+    check_model_repository(args.model, args.triton_repo, options)
+    return options
 
 
 def default_output(model: Path) -> Path:
     """`model.onnx` -> `model.collapsed.onnx` beside it."""
-    stem = model.name[: -len(".onnx")] if model.name.endswith(".onnx") else model.name
-    return model.with_name(stem + ".collapsed.onnx")
+    return model.with_name(_stem(model) + ".collapsed.onnx")
+
+
+def _stem(model: Path) -> str:
+    return model.name[: -len(".onnx")] if model.name.endswith(".onnx") else model.name

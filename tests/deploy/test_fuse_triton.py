@@ -12,7 +12,6 @@ import onnx
 import onnx.parser
 import pytest
 
-from lc_onnx import cli
 from lc_onnx.cli import main
 from lc_onnx.demo import build_demo_model
 from tests.deploy import helpers
@@ -23,17 +22,6 @@ pytest.importorskip("onnxruntime")
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 from readme_blocks import shell_blocks  # noqa: E402
-
-
-def _fuse_has_triton_repo() -> bool:
-    args, _ = cli.build_parser().parse_known_args(["fuse", "m.onnx"])
-    return hasattr(args, "triton_repo")
-
-
-# TODO(lead): drop this mark once commands/fuse.py calls lc_onnx.deploy (the wiring is pending there).
-pytestmark = pytest.mark.skipif(
-    not _fuse_has_triton_repo(), reason="`lc-onnx fuse` has no --triton-repo yet (wiring pending)"
-)
 
 
 def test_readme_deploy_example_runs(tmp_path, monkeypatch):
