@@ -34,12 +34,26 @@ def op_counts(path: Path) -> collections.Counter:
     return collections.Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
 
 
+def op_signatures(path: Path) -> collections.Counter:
+    """Count of (op type, shapes of its constant inputs): a MatMul by a [384, 384] weight is not one by
+    [384, 1536], and a bias Add split in two would show as an extra ("Add", ((384,),))."""
+    model = onnx.load(str(path), load_external_data=False)
+    consts = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    return collections.Counter(
+        (n.op_type, tuple(consts[i] for i in n.input if i in consts)) for n in model.graph.node
+    )
+
+
 def compare_graphs(fused: Path, oracle: Path) -> dict[str, object]:
-    """Op-count difference fused - oracle (empty when identical) and both parameter counts."""
+    """Fused vs oracle: op-count difference (empty when identical), the (op, weight shapes) signatures
+    only one of them has, and both parameter counts."""
     a, b = op_counts(fused), op_counts(oracle)
     diff = {op: a[op] - b[op] for op in sorted(set(a) | set(b)) if a[op] != b[op]}
+    sa, sb = op_signatures(fused), op_signatures(oracle)
     return {
         "op_diff_fused_minus_oracle": diff,
+        "signatures_only_in_fused": [f"{op} {list(shapes)} x{n}" for (op, shapes), n in (sa - sb).items()],
+        "signatures_only_in_oracle": [f"{op} {list(shapes)} x{n}" for (op, shapes), n in (sb - sa).items()],
         "fused_ops": dict(a),
         "oracle_ops": dict(b),
         "fused_params": count_params(onnx.load(str(fused), load_external_data=False)),
@@ -94,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         graph_notes.append(
             f"- {TITLES.get(name, name)}: fused vs oracle op counts "
             + ("identical" if not diff else f"differ (fused - oracle): {diff}")
+            + (
+                "; (op, weight shapes) identical"
+                if not graphs["signatures_only_in_fused"] and not graphs["signatures_only_in_oracle"]
+                else f"; only in fused {graphs['signatures_only_in_fused']}, "
+                f"only in oracle {graphs['signatures_only_in_oracle']}"
+            )
             + f"; params fused {graphs['fused_params']:,}, oracle {graphs['oracle_params']:,}"
         )
         logger.info(graph_notes[-1])

@@ -117,7 +117,8 @@ def check_provider(provider: str) -> None:
     if name not in available:
         raise UserError(
             f"{name} is not available in this onnxruntime {ort.__version__} build "
-            f"(available: {', '.join(available)}); install onnxruntime-gpu with a matching CUDA"
+            f"(available: {', '.join(available)}); "
+            "pip install 'lc-onnx[gpu]' (onnxruntime-gpu, with a matching CUDA) in place of onnxruntime"
         )
 
 

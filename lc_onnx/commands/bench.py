@@ -34,6 +34,27 @@ def _batches(text: str) -> tuple[int, ...]:
     return values
 
 
+class _LazyBar:
+    """A tqdm bar drawn at the first finished round, so errors found while loading stay one line."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.bar = None
+
+    def __call__(self, n: int) -> None:
+        if self.bar is None:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(total=self.total, desc="bench", unit="round")
+        self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("original", type=Path, help="the baseline model (ORIGINAL.onnx)")
     parser.add_argument("fused", type=Path, help="the model to compare (FUSED.onnx), same inputs")
@@ -73,14 +94,7 @@ def run(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         seed=args.seed,
     )
-    bar = None
-    if not args.no_progress:
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(config.batches) * (config.runs + config.warmup), desc="bench", unit="round")
-        except ImportError:
-            bar = None
+    progress = None if args.no_progress else _LazyBar(len(config.batches) * (config.runs + config.warmup))
     try:
         result = run_bench(
             args.original,
@@ -88,11 +102,11 @@ def run(args: argparse.Namespace) -> int:
             config,
             oracle=args.oracle,
             profile_runs=args.profile,
-            progress=bar.update if bar is not None else None,
+            progress=progress,
         )
     finally:
-        if bar is not None:
-            bar.close()
+        if progress is not None:
+            progress.close()
 
     table = result.to_markdown()
     if result.profiles:
