@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from lc_onnx import wire
+from lc_onnx import files, wire
 from lc_onnx.errors import UserError
 
 # Tensors at least this large go to the external data file when a model is saved with external data.
@@ -274,13 +274,7 @@ def save(loaded: LoadedModel, path: str | os.PathLike, *, external: bool | None 
     the new data file, relative to `path`'s directory).
     """
     out = Path(path)
-    parent = out.parent if str(out.parent) else Path(".")
-    if out.exists() and out.is_dir():
-        raise UserError(f"{out}: is a directory")
-    if not parent.is_dir():
-        raise UserError(f"{out}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"{out}: directory {parent} is not writable")
+    parent = files.writable_parent(out)
     if external is None:
         external = loaded.source_external or _data_bytes(loaded.proto) > PROTO_LIMIT_BYTES
     model = loaded.proto
@@ -299,7 +293,9 @@ def save(loaded: LoadedModel, path: str | os.PathLike, *, external: bool | None 
                     _inline(tensor, loaded.base_dir)
         with open(tmp_model, "wb") as f:
             f.write(model.SerializeToString())
+        files.make_public(tmp_model)
         if tmp_data is not None:
+            files.make_public(tmp_data)
             os.replace(tmp_data, parent / data_name)
             tmp_data = None
         os.replace(tmp_model, out)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +21,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from lc_onnx import io, rewrite, runtime
+from lc_onnx import files, io, rewrite, runtime
 from lc_onnx.algebra import ChannelAffine
 from lc_onnx.decide import Collapse, Options, Skip, decide
 from lc_onnx.errors import UserError, VerificationError
@@ -140,7 +138,7 @@ def fuse(
             parent = out_path.parent if out_path is not None else None
             if parent is not None and not parent.is_dir():
                 raise UserError(f"{out_path}: directory {parent} does not exist")
-            staging = Path(stack.enter_context(_staging_dir(parent)))
+            staging = Path(stack.enter_context(files.staging_dir(parent)))
             staged = staging / (out_path.name if out_path is not None else "model.onnx")
             io.save(fused, staged)
             # The weights now live in files; drop the in-memory copies before onnxruntime loads both models.
@@ -317,18 +315,6 @@ def _session_source(loaded: io.LoadedModel) -> str | bytes:
     if loaded.path is not None:
         return str(loaded.path)
     return loaded.proto.SerializeToString()
-
-
-@contextlib.contextmanager
-def _staging_dir(parent: Path | None):
-    try:
-        path = tempfile.mkdtemp(prefix=".lc-onnx-", dir=parent)
-    except OSError as exc:
-        raise UserError(f"cannot write to {parent or tempfile.gettempdir()}: {exc.strerror}") from None
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _publish(staging: Path, out: Path) -> None:

@@ -3,13 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import tempfile
-from pathlib import Path
 from typing import Any
-
-from lc_onnx.errors import UserError
 
 
 def add_fuse_options(parser: argparse.ArgumentParser) -> None:
@@ -39,23 +33,3 @@ def fuse_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "allow_growth": args.allow_growth,
         "input_shapes": parse_input_shapes(args.input_shape) or None,
     }
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` via a temporary file in the same directory."""
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise UserError(f"{path}: directory {parent} does not exist")
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot write ({exc.strerror})") from None
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)

@@ -10,7 +10,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from lc_onnx.commands import common
+from lc_onnx import files
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     original = io.save_model(build_demo_model(args.seed), out / "demo.onnx")
     result = fuse(original, output=out / "demo.collapsed.onnx")
     report_path = out / "report.json"
-    common.write_text_atomic(report_path, result.report.to_json() + "\n")
+    files.write_text(report_path, result.report.to_json() + "\n")
     print(result.report.to_json())
     print()
     print(summary(result.report))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lc_onnx import files
 from lc_onnx.commands import common
 from lc_onnx.errors import UserError
 
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(summary(result.report))
     if args.report is not None:
-        common.write_text_atomic(args.report, result.report.to_json() + "\n")
+        files.write_text(args.report, result.report.to_json() + "\n")
     print(f"wrote {output}" if output is not None else "dry run: no model written")
     if deploy is not None:
         from lc_onnx.deploy.triton import write_model_repository

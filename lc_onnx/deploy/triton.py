@@ -38,7 +38,7 @@ from typing import Any
 
 import onnx
 
-from lc_onnx import io
+from lc_onnx import files, io
 from lc_onnx.deploy.config import TritonConfig, build_config
 from lc_onnx.deploy.options import (
     DEFAULT_MAX_BATCH_SIZE,
@@ -123,9 +123,9 @@ def write_model_repository(
             _write_version(loaded, plan.config, model_dir, version, check_loads)
             if _read_text(model_dir / CONFIG_NAME) != plan.config_text:
                 log.warning("replacing %s", model_dir / CONFIG_NAME)
-                _write_text_atomic(model_dir / CONFIG_NAME, plan.config_text)
+                files.write_text(model_dir / CONFIG_NAME, plan.config_text)
             if report_text is not None:
-                _write_text_atomic(model_dir / _report_name(version), report_text)
+                files.write_text(model_dir / _report_name(version), report_text)
             else:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(model_dir / _report_name(version))
@@ -234,12 +234,12 @@ def _write_new_model(
     loaded: io.LoadedModel, plan: RepositoryPlan, report_text: str | None, check_loads: bool
 ) -> None:
     model_dir = plan.model_dir
-    with _staging(model_dir.parent, f".{model_dir.name}.lc-onnx-") as stage:
+    with files.staging_dir(model_dir.parent, f".{model_dir.name}.lc-onnx-") as stage:
         _save_version(loaded, plan.config, stage / str(plan.version), check_loads)
         (stage / CONFIG_NAME).write_text(plan.config_text)
         if report_text is not None:
             (stage / _report_name(plan.version)).write_text(report_text)
-        _make_readable(stage)
+        files.make_public(stage)
         try:
             os.rename(stage, model_dir)
         except OSError as exc:
@@ -250,9 +250,9 @@ def _write_version(
     loaded: io.LoadedModel, config: TritonConfig, model_dir: Path, version: int, check_loads: bool
 ) -> None:
     target = model_dir / str(version)
-    with _staging(model_dir, f".lc-onnx-v{version}-") as stage:
+    with files.staging_dir(model_dir, f".lc-onnx-v{version}-") as stage:
         _save_version(loaded, config, stage / "v", check_loads)
-        _make_readable(stage)
+        files.make_public(stage)
         aside = None
         if target.exists():
             aside = Path(tempfile.mkdtemp(prefix=f".lc-onnx-old-v{version}-", dir=model_dir))
@@ -295,50 +295,6 @@ def _check_onnxruntime_loads(path: Path, config: TritonConfig) -> None:
     ):
         if sorted(declared) != sorted(actual):
             raise UserError(f"onnxruntime sees {role} {actual}, the graph declares {declared}")
-
-
-@contextlib.contextmanager
-def _staging(parent: Path, prefix: str):
-    try:
-        stage = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    except OSError as exc:
-        raise UserError(f"{parent}: cannot write ({exc.strerror or exc})") from None
-    try:
-        yield stage
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-
-
-def _make_readable(root: Path) -> None:
-    # mkdtemp/mkstemp create 0700/0600 entries; a Triton server running as another user must read them.
-    umask = _umask()
-    for dirpath, _dirnames, filenames in os.walk(root):
-        os.chmod(dirpath, 0o777 & ~umask)
-        for f in filenames:
-            os.chmod(os.path.join(dirpath, f), 0o666 & ~umask)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
 
 
 def _read_text(path: Path) -> str | None:
