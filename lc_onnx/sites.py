@@ -408,6 +408,11 @@ class SiteFinder:
         return None
 
     def _step(self, node: gs.Node, tensor: gs.Tensor) -> Step | None:
+        # Multi-node activations first: their first node may also be an activation op (Sigmoid of SiLU).
+        pattern = activations.match(node, tensor, self._outputs)
+        if pattern is not None and len(pattern[0]) > 1:
+            nodes, output, name = pattern
+            return Step(tuple(nodes), "nonlinear", name, tensor, output)
         if not node.inputs or node.inputs[0] is not tensor or not node.outputs:
             return None
         extra_outputs_used = any(out.outputs or out.name in self._outputs for out in node.outputs[1:])
@@ -432,10 +437,6 @@ class SiteFinder:
             return Step.single(node, "batchnorm")
         if op in NONLINEAR_OPS and len(node.outputs) == 1:
             return Step.single(node, "nonlinear")
-        pattern = activations.match(node, tensor, self._outputs)
-        if pattern is not None:
-            nodes, output, name = pattern
-            return Step(tuple(nodes), "nonlinear", name, tensor, output)
         return None
 
 
