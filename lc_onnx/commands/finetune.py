@@ -40,6 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lam", type=float, default=1.0, help="weight of the collapse penalty (default 1.0)")
     parser.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
     parser.add_argument("--threshold", type=float, default=0.05, help="collapse when |slope - 1| <= T")
+    parser.add_argument(
+        "--max-error",
+        type=float,
+        default=0.05,
+        help="largest relative L2 error of the fused graph vs. the export on test images (default 0.05)",
+    )
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
     parser.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights")
     parser.add_argument("--img-size", type=int, default=16, help="input size (default 16)")
@@ -89,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         lam=args.lam,
         epochs=args.epochs,
         threshold=args.threshold,
+        max_error=args.max_error,
         pretrained=args.pretrained,
         img_size=args.img_size,
         seed=args.seed,
