@@ -167,8 +167,8 @@ def fuse(
     return FuseResult(model_out, report)
 
 
-def collapse_graph(loaded: io.LoadedModel, options: Options) -> Rewritten:
-    """Run find/decide/rewrite rounds on a copy of the graph; the input proto is not modified."""
+def site_finder(loaded: io.LoadedModel) -> SiteFinder:
+    """A `SiteFinder` over a graphsurgeon copy of the model (toposorted, with inferred shapes)."""
     proto = loaded.proto
     graph = gs.import_onnx(proto)
     try:
@@ -179,7 +179,14 @@ def collapse_graph(loaded: io.LoadedModel, options: Options) -> Rewritten:
         ) from None
     _add_inferred_shapes(graph, io.skeleton(proto))
     constants = Constants(graph, loaded.base_dir, opset_of(proto), graph_inputs=_feedable(proto))
-    finder = SiteFinder(graph, constants)
+    return SiteFinder(graph, constants)
+
+
+def collapse_graph(loaded: io.LoadedModel, options: Options) -> Rewritten:
+    """Run find/decide/rewrite rounds on a copy of the graph; the input proto is not modified."""
+    proto = loaded.proto
+    finder = site_finder(loaded)
+    graph, constants = finder.graph, finder.constants
     reports: list[SiteReport] = []
     skipped: list[SiteReport] = []
     changed = False
