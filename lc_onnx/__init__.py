@@ -11,7 +11,7 @@ from lc_onnx.errors import UserError, VerificationError
 
 __version__ = "0.1.0"
 
-__all__ = ["FuseResult", "UserError", "VerificationError", "__version__", "fuse"]
+__all__ = ["FuseResult", "UserError", "VerificationError", "__version__", "calibrate", "fuse"]
 
 
 def __getattr__(name: str):
@@ -20,4 +20,8 @@ def __getattr__(name: str):
         from lc_onnx import pipeline
 
         return getattr(pipeline, name)
+    if name == "calibrate":
+        from lc_onnx.calibration import calibrate
+
+        return calibrate
     raise AttributeError(f"module 'lc_onnx' has no attribute {name!r}")

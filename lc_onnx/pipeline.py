@@ -13,9 +13,10 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -76,7 +77,11 @@ def fuse(
     allow_growth: bool = False,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     feeds: Iterable[Mapping[str, np.ndarray]] | None = None,
-    fits: Mapping[str, ChannelAffine] | None = None,
+    fits: Mapping[str, ChannelAffine] | Any = None,
+    data: Any = None,
+    metric: Callable[..., float] | None = None,
+    max_drop: float | None = None,
+    calib_batches: int | None = None,
 ) -> FuseResult:
     """Collapse every qualifying Linear -> linear activation -> Linear of `model` and verify the result.
 
@@ -90,13 +95,30 @@ def fuse(
         input_shapes: concrete shapes for graph inputs (dynamic dims default to 2); sets verification and
             MAC-count shapes.
         feeds: verification inputs (`{input name: array}` per run) instead of random data.
-        fits: fitted per-channel affine maps `a ⊙ h + c` for activation steps, keyed by step name
-            (from calibration); these sites collapse with the fitted map.
+        fits: fitted per-channel affine maps `a ⊙ h + c` for activation steps, keyed by step name; these
+            sites collapse with the fitted map. A `calibration.Calibration` or a fits file path applies
+            the calibrated rules below.
+        data: calibration feeds (an iterable of `{input: array}` or a `CalibrationDataReader`): fit every
+            activation, keep the fits whose sites keep the model within `max_error` (or `metric` within
+            `max_drop`) on held-out feeds, and verify on those feeds; `threshold` and `feeds` are then
+            not used (see `lc_onnx.calibration`).
+        metric: `metric(run) -> float`, higher is better, where `run(feed)` returns the model's outputs;
+            with `max_drop`, the budget instead of `max_error`.
+        calib_batches: fit on the first N feeds of `data` and hold out the next ones (default: every
+            fourth feed is held out).
 
     Raises:
         UserError: the model cannot be read or written, or the options do not fit it.
         VerificationError: the fused model deviates more than `max_error` (nothing is written).
     """
+    if data is not None or metric is not None or (fits is not None and not isinstance(fits, Mapping)):
+        from lc_onnx.calibration import fuse_calibrated
+
+        return fuse_calibrated(
+            model, data=data, fits=fits, max_error=max_error, metric=metric, max_drop=max_drop,
+            calib_batches=calib_batches, output=output, verify=verify, allow_growth=allow_growth,
+            input_shapes=input_shapes,
+        )  # fmt: skip
     start = time.perf_counter()
     if threshold < 0 or max_error < 0:
         raise UserError("threshold and max_error must be >= 0")
