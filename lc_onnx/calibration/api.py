@@ -1,0 +1,169 @@
+"""`calibrate` (statistics and fits) and the calibrated `fuse` (fits, selection, fuse, report)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+
+from lc_onnx import io
+from lc_onnx.calibration import data as data_mod
+from lc_onnx.calibration import fits as fits_mod
+from lc_onnx.calibration import stats as stats_mod
+from lc_onnx.calibration.fits import Calibration
+from lc_onnx.calibration.select import Budget, Metric, Selection, select
+from lc_onnx.errors import UserError
+
+log = logging.getLogger(__name__)
+
+ModelLike = str | os.PathLike | onnx.ModelProto
+
+
+def _load(model: ModelLike | io.LoadedModel) -> io.LoadedModel:
+    if isinstance(model, io.LoadedModel):
+        return model
+    return io.from_proto(model) if isinstance(model, onnx.ModelProto) else io.load(model)
+
+
+def calibrate(
+    model: ModelLike,
+    data: Any,
+    *,
+    calib_batches: int | None = None,
+    output: str | os.PathLike | None = None,
+) -> Calibration:
+    """Stream `data` through `model` once and fit every replaceable activation per channel.
+
+    Args:
+        model: a path (weights stay on disk) or a `ModelProto`.
+        data: an iterable of `{input name: np.ndarray}` or an onnxruntime `CalibrationDataReader`.
+        calib_batches: use only the first N feeds.
+        output: also write the fits as JSON here (for `lc-onnx fuse --fits`).
+
+    Raises:
+        UserError: the data is empty or does not fit the model's inputs.
+    """
+    loaded = _load(model)
+    _check_batches(calib_batches)
+    stream = data_mod.take(data_mod.feeds(data, data_mod.input_specs(loaded.proto)), calib_batches)
+    calibration = _fit(loaded, stream)
+    if output is not None:
+        calibration.save(output)
+    return calibration
+
+
+def _fit(loaded: io.LoadedModel, stream: Iterable) -> Calibration:
+    from lc_onnx.pipeline import site_finder
+
+    start = time.perf_counter()
+    finder = site_finder(loaded)
+    probes = stats_mod.probes_for(finder.sites(), finder.constants)
+    del finder
+    statistics = stats_mod.collect(loaded, probes, stream)
+    log.info("calibrated %d step(s) in %.2f s", len(probes), time.perf_counter() - start)
+    return fits_mod.from_statistics(statistics)
+
+
+def _check_batches(calib_batches: int | None) -> None:
+    if calib_batches is not None and calib_batches < 1:
+        raise UserError("calib_batches must be >= 1")
+
+
+def fuse_calibrated(
+    model: ModelLike,
+    *,
+    data: Any = None,
+    fits: Calibration | str | os.PathLike | None = None,
+    max_error: float = 1e-2,
+    metric: Metric | None = None,
+    max_drop: float | None = None,
+    calib_batches: int | None = None,
+    output: str | os.PathLike | None = None,
+    verify: bool = True,
+    allow_growth: bool = False,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+):
+    """Fit (or reuse `fits`), choose the sites within the budget on held-out feeds, then fuse with the
+    chosen fits and verify on the held-out feeds. Returns the `FuseResult` whose report carries, per site,
+    `calibration: {step: {op, fit_error, estimated_error, measured_error, decision, reason}}`."""
+    from lc_onnx import pipeline
+
+    if (metric is None) != (max_drop is None):
+        raise UserError("--metric and --max-drop go together")
+    if max_error < 0 or (max_drop is not None and max_drop < 0):
+        raise UserError("max_error and max_drop must be >= 0")
+    _check_batches(calib_batches)
+    loaded = _load(model)
+    held: list = []
+    if data is not None:
+        stream, held = data_mod.split(data_mod.feeds(data, data_mod.input_specs(loaded.proto)), calib_batches)
+        if fits is None:
+            calibration = _fit(loaded, stream)
+        else:
+            for _ in stream:  # fits given: the data only supplies held-out feeds
+                pass
+    if fits is not None:
+        calibration = fits if isinstance(fits, Calibration) else fits_mod.load(fits)
+    elif data is None:
+        raise UserError("calibrated fuse needs data (or fits)")
+    if data is not None and not held:
+        raise UserError(
+            "no held-out calibration feeds for the selection: give at least 4 batches, or more than "
+            "--calib-batches"
+        )
+    budget = Budget(max_error=max_error, metric=metric, max_drop=max_drop)
+    if held or metric is not None:
+        selection = select(loaded, calibration, held, budget, allow_growth=allow_growth)
+        chosen = calibration.affines(selection.accepted)
+    else:
+        selection, chosen = None, calibration.affines()
+    gate = max_error if selection is None else max(max_error, selection.baseline_error)
+    if metric is not None:
+        gate = float("inf")  # the metric decided; the output errors are still measured and reported
+    result = pipeline.fuse(
+        loaded.path if loaded.path is not None else loaded.proto,
+        output=output, threshold=0.0, max_error=gate, verify=verify, allow_growth=allow_growth,
+        input_shapes=input_shapes, feeds=held or None, fits=chosen,
+    )  # fmt: skip
+    annotate(result.report, calibration, selection)
+    return result
+
+
+def annotate(report, calibration: Calibration, selection: Selection | None) -> None:
+    """Add `calibration` entries to the report's sites (and say why a fitted site was not collapsed)."""
+    for site in report.sites:
+        entries = {}
+        for key, fit in calibration.fits.items():
+            if key not in site.nodes:
+                continue
+            trial = selection.trial_of(key) if selection is not None else None
+            entries[key] = {
+                "op": fit.op,
+                "fit_error": _num(fit.fit_error),
+                "estimated_error": _num(fit.estimated_error),
+                "measured_error": _num(trial.measured_error) if trial is not None else None,
+                "decision": "applied" if (trial.accepted if trial else selection is None) else "rejected",
+                "reason": trial.reason
+                if trial is not None
+                else ("fits given" if selection is None else "not a candidate"),
+            }
+            if trial is not None and trial.metric is not None:
+                entries[key]["metric"] = trial.metric
+            if (
+                site.decision == "skipped"
+                and trial is not None
+                and not trial.accepted
+                and trial.reason.startswith("fit rejected")
+            ):
+                site.reason = f"{fit.op} {key}: {trial.reason}"
+        if entries:
+            site.extra["calibration"] = entries
+
+
+def _num(value: float | None) -> float | None:
+    return None if value is None or not np.isfinite(value) else float(value)

@@ -1,0 +1,224 @@
+"""Calibration data: where feeds come from, and checking them against the model's inputs.
+
+A *feed* is one `{input name: np.ndarray}` run of the model. Accepted sources:
+
+- any iterable of feeds (a list, a generator);
+- an `onnxruntime.quantization.CalibrationDataReader` (anything with `get_next()` returning a feed or
+  None), used as it is;
+- on the command line, `file.py:function` (the function, called without arguments, returns one of the
+  above: the Polygraphy data-loader convention), a directory of `.npz` files (one feed per file, keys =
+  input names, read in name order) or a single `.npz` file.
+
+Feeds are checked as they stream: the names must be exactly the model's inputs, dtypes equal the declared
+ones, ranks and static dimensions match. Every problem is a one-line `UserError`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from lc_onnx.errors import UserError
+
+Feed = dict[str, np.ndarray]
+MAX_HELD_OUT = 32
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A graph input as the data must match it: dtype and dims (int, or None when symbolic)."""
+
+    name: str
+    dtype: np.dtype
+    dims: tuple[int | None, ...] | None
+
+    def check(self, value: Any, index: int) -> np.ndarray:
+        if not isinstance(value, np.ndarray):
+            raise UserError(
+                f"calibration feed {index}: input {self.name!r} is a {type(value).__name__}, not a numpy array"
+            )
+        if value.dtype != self.dtype:
+            raise UserError(
+                f"calibration feed {index}: input {self.name!r} has dtype {value.dtype}, "
+                f"the model expects {self.dtype}"
+            )
+        if self.dims is not None and (
+            value.ndim != len(self.dims)
+            or any(d is not None and d != s for d, s in zip(self.dims, value.shape))
+        ):
+            want = "x".join("?" if d is None else str(d) for d in self.dims) or "scalar"
+            got = "x".join(str(s) for s in value.shape) or "scalar"
+            raise UserError(
+                f"calibration feed {index}: input {self.name!r} has shape {got}, the model expects {want}"
+            )
+        return value
+
+
+def input_specs(model: onnx.ModelProto) -> dict[str, InputSpec]:
+    """The graph inputs a feed must give (initializers listed as inputs are optional overrides: skipped)."""
+    initializers = {t.name for t in model.graph.initializer}
+    specs = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tt = value.type.tensor_type
+        if not value.type.HasField("tensor_type") or not tt.elem_type:
+            raise UserError(f"input {value.name!r} is not a tensor; calibration feeds tensors only")
+        dims = None
+        if tt.HasField("shape"):
+            dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+        specs[value.name] = InputSpec(
+            value.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)), dims
+        )
+    return specs
+
+
+def feeds(data: Any, specs: Mapping[str, InputSpec]) -> Iterator[Feed]:
+    """Checked feeds from `data` (an iterable of feeds or a `CalibrationDataReader`), lazily.
+
+    Raises:
+        UserError: `data` is not a source of feeds, is empty, or a feed does not fit the model.
+    """
+    count = 0
+    for count, feed in enumerate(_iterate(data), start=1):
+        yield check_feed(feed, specs, count - 1)
+    if count == 0:
+        raise UserError("the calibration data is empty: it gave no feeds")
+
+
+def _iterate(data: Any) -> Iterator[Any]:
+    get_next = getattr(data, "get_next", None)
+    if callable(get_next):
+        while (feed := get_next()) is not None:
+            yield feed
+        return
+    if isinstance(data, Mapping):
+        raise UserError("calibration data must be an iterable of feeds ({input name: array}), got one dict")
+    if isinstance(data, (str, bytes, Path)) or not isinstance(data, Iterable):
+        raise UserError(
+            f"calibration data must be an iterable of feeds or a CalibrationDataReader, got {type(data).__name__}"
+        )
+    yield from data
+
+
+def check_feed(feed: Any, specs: Mapping[str, InputSpec], index: int) -> Feed:
+    if not isinstance(feed, Mapping):
+        raise UserError(f"calibration feed {index} is a {type(feed).__name__}, not a dict of input arrays")
+    unknown = [k for k in feed if k not in specs]
+    if unknown:
+        raise UserError(
+            f"calibration feed {index}: {unknown[0]!r} is not an input of the model (inputs: {', '.join(specs)})"
+        )
+    missing = [k for k in specs if k not in feed]
+    if missing:
+        raise UserError(f"calibration feed {index}: input {missing[0]!r} is missing")
+    return {name: specs[name].check(feed[name], index) for name in specs}
+
+
+def split(stream: Iterator[Feed], fit_batches: int | None) -> tuple[Iterator[Feed], list[Feed]]:
+    """Cut a stream into feeds to fit on (streamed) and held-out feeds (kept, for selection).
+
+    With `fit_batches` N the first N feeds are fitted and the next ones held out; without it every fourth
+    feed is held out. At most `MAX_HELD_OUT` feeds are kept (they live in memory). The held-out list
+    fills while the fit iterator is consumed.
+    """
+    held: list[Feed] = []
+
+    def fit() -> Iterator[Feed]:
+        for i, feed in enumerate(stream):
+            if fit_batches is not None and i >= fit_batches:
+                if len(held) >= MAX_HELD_OUT:
+                    return
+                held.append(feed)
+            elif fit_batches is None and i % 4 == 3 and len(held) < MAX_HELD_OUT:
+                held.append(feed)
+            else:
+                yield feed
+
+    return fit(), held
+
+
+def load_callable(spec: str, what: str) -> Callable[..., Any]:
+    """The function named by `file.py:function`."""
+    path_text, sep, name = spec.rpartition(":")
+    if not sep or not path_text.endswith(".py") or not name.isidentifier():
+        raise UserError(f"{what} {spec!r}: expected FILE.py:FUNCTION")
+    path = Path(path_text)
+    if not path.is_file():
+        raise UserError(f"{what} {spec!r}: {path}: no such file")
+    module_name = f"_lc_onnx_user_{abs(hash(str(path.resolve())))}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.path.insert(0, str(path.resolve().parent))  # so the script can import its neighbours
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:
+        raise UserError(
+            f"{what} {spec!r}: importing {path} failed: {type(exc).__name__}: {_line(exc)}"
+        ) from None
+    finally:
+        sys.path.remove(str(path.resolve().parent))
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise UserError(f"{what} {spec!r}: {path} defines no function {name!r}")
+    return fn
+
+
+def from_spec(spec: str) -> Iterable[Any]:
+    """The data named on the command line: `file.py:function`, a directory of `.npz` files, or one `.npz`."""
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(path.glob("*.npz"))
+        if not files:
+            raise UserError(f"--data {spec}: no .npz files in this directory")
+        return _npz_feeds(files)
+    if path.suffix == ".npz":
+        if not path.is_file():
+            raise UserError(f"--data {spec}: no such file")
+        return _npz_feeds([path])
+    fn = load_callable(spec, "--data")
+    return _guarded(fn, spec)
+
+
+def _guarded(fn: Callable[[], Any], spec: str) -> Iterator[Any]:
+    """Iterate what a user's data function returns; its exceptions become one-line errors."""
+    try:
+        data = fn()
+        source = _iterate(data)
+        while True:
+            try:
+                feed = next(source)
+            except StopIteration:
+                return
+            yield feed
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"--data {spec}: {type(exc).__name__}: {_line(exc)}") from None
+
+
+def _npz_feeds(files: list[Path]) -> Iterator[Feed]:
+    for file in files:
+        try:
+            with np.load(file, allow_pickle=False) as npz:
+                feed = {key: npz[key] for key in npz.files}
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{file}: not a readable .npz file ({_line(exc)})") from None
+        yield feed
+
+
+def take(stream: Iterable[Feed], n: int | None) -> Iterator[Feed]:
+    return iter(stream) if n is None else itertools.islice(stream, n)
+
+
+def _line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0][:300] if lines else ""

@@ -1,0 +1,213 @@
+"""Choosing which fitted sites to collapse under an accuracy budget, by measuring candidate models.
+
+Like NNCF's `quantize_with_accuracy_control`, decisions are made on the real model, not on estimates:
+
+1. Candidates are the sites whose non-exact steps all have fits; exactly linear steps (Identity,
+   BatchNorm, slope 1) need none and always collapse. A budget is either `max_error` (the worst relative
+   L2 error of any output on the held-out feeds) or a user `metric(run) -> float` (higher is better)
+   with `max_drop`.
+2. The exact-only model is measured first: its float rounding is always allowed (so a budget of 0
+   collapses exactly linear sites only).
+3. All candidates together are tried; when that model is within the budget every fit is accepted.
+4. Otherwise candidates are tried one at a time in order of their estimated error (cheapest first), each
+   together with those accepted so far; a candidate is kept when the measured model stays within the
+   budget. One onnxruntime session per trial; the original's outputs are computed once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lc_onnx import io
+from lc_onnx.calibration import session as sessions
+from lc_onnx.calibration.data import Feed
+from lc_onnx.calibration.fits import Calibration
+from lc_onnx.decide import Options
+from lc_onnx.errors import UserError
+from lc_onnx.report import OutputError, Verification
+
+log = logging.getLogger(__name__)
+
+Metric = Callable[[Callable[[Feed], dict[str, np.ndarray]]], float]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """`max_error` on the outputs' relative L2 error, or `metric` with `max_drop` (then `max_error` is
+    not used for selection)."""
+
+    max_error: float = 1e-2
+    metric: Metric | None = None
+    max_drop: float | None = None
+
+    def describe(self) -> str:
+        if self.metric is not None:
+            return f"metric drop <= {self.max_drop:g}"
+        return f"rel_l2 <= {self.max_error:g}"
+
+
+@dataclass
+class Trial:
+    """One candidate: the steps it fits, the estimate, what was measured and the outcome."""
+
+    keys: tuple[str, ...]
+    estimated_error: float
+    measured_error: float | None = None
+    metric: float | None = None
+    accepted: bool = False
+    reason: str = ""
+
+
+@dataclass
+class Selection:
+    accepted: set[str]
+    trials: list[Trial]
+    baseline_error: float
+    budget: Budget
+    reference_metric: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def trial_of(self, key: str) -> Trial | None:
+        return next((t for t in self.trials if key in t.keys), None)
+
+
+def candidates(loaded: io.LoadedModel, calibration: Calibration) -> list[Trial]:
+    """One trial per collapsible site whose non-exact steps all have fits, cheapest estimate first."""
+    from lc_onnx.calibration.stats import _needs_fit
+    from lc_onnx.pipeline import site_finder
+
+    finder = site_finder(loaded)
+    trials = []
+    for site in finder.sites():
+        if site.problems:
+            continue
+        keys = tuple(s.key for s in site.steps if _needs_fit(s, finder.constants))
+        if keys and all(k in calibration.fits for k in keys):
+            estimate = math.sqrt(sum(calibration.fits[k].estimated_error ** 2 for k in keys))
+            trials.append(Trial(keys, estimate))
+    trials.sort(key=lambda t: (t.estimated_error, t.keys))
+    return trials
+
+
+class _Measurer:
+    """Runs candidate models on the held-out feeds against the original's outputs (computed once)."""
+
+    def __init__(self, loaded: io.LoadedModel, feeds: Sequence[Feed], budget: Budget, allow_growth: bool):
+        self.loaded, self.feeds, self.budget, self.allow_growth = loaded, list(feeds), budget, allow_growth
+        original = sessions.make_session(loaded.proto, loaded.base_dir)
+        self.names = [o.name for o in original.get_outputs()]
+        self.reference = (
+            [sessions.run(original, f, self.names) for f in self.feeds] if budget.metric is None else []
+        )
+        self.reference_metric = self._metric(original) if budget.metric is not None else None
+
+    def _metric(self, session) -> float:
+        value = self.budget.metric(lambda feed: sessions.run(session, feed))
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"--metric returned {type(value).__name__}, expected a number") from None
+
+    def measure(self, fits: Mapping) -> tuple[Verification, float | None, list[str]]:
+        """The candidate with `fits`: its output errors, its metric (with a metric budget) and the nodes
+        of the sites that collapsed."""
+        from lc_onnx.pipeline import collapse_graph
+
+        rewritten = collapse_graph(
+            self.loaded, Options(threshold=0.0, allow_growth=self.allow_growth, fits=fits)
+        )
+        collapsed = [n for s in rewritten.sites if s.decision == "collapsed" for n in s.nodes]
+        proto = rewritten.proto if rewritten.proto is not None else self.loaded.proto
+        session = sessions.make_session(proto, self.loaded.base_dir)
+        if self.budget.metric is not None:
+            return Verification(), self._metric(session), collapsed
+        actual = [sessions.run(session, f, self.names) for f in self.feeds]
+        return output_errors(self.names, self.reference, actual), None, collapsed
+
+
+def output_errors(names: Sequence[str], expected: Sequence[dict], actual: Sequence[dict]) -> Verification:
+    """`max_abs` and `rel_l2` per output, accumulated over all feeds in float64 (as `verify.compare`)."""
+    outputs = {}
+    for name in names:
+        max_abs, diff_sq, ref_sq = 0.0, 0.0, 0.0
+        for ref_run, got_run in zip(expected, actual):
+            ref = np.asarray(ref_run[name], np.float64)
+            diff = np.asarray(got_run[name], np.float64) - ref
+            if diff.size:
+                max_abs = max(max_abs, float(np.max(np.abs(diff))))
+            diff_sq += float(np.vdot(diff, diff))
+            ref_sq += float(np.vdot(ref, ref))
+        rel = math.sqrt(diff_sq / ref_sq) if ref_sq > 0 else (0.0 if diff_sq == 0 else math.inf)
+        outputs[name] = OutputError(max_abs=max_abs, rel_l2=rel)
+    return Verification(outputs=outputs, feeds=len(expected))
+
+
+def select(
+    loaded: io.LoadedModel,
+    calibration: Calibration,
+    feeds: Sequence[Feed],
+    budget: Budget,
+    *,
+    allow_growth: bool = False,
+) -> Selection:
+    """Accept the fits whose sites keep the model within `budget` on `feeds` (see the module docstring)."""
+    trials = candidates(loaded, calibration)
+    measurer = _Measurer(loaded, feeds, budget, allow_growth)
+    base, base_metric, _ = measurer.measure({})
+    baseline = base.worst_rel_l2
+    selection = Selection(set(), trials, baseline, budget, measurer.reference_metric)
+
+    def within(verification: Verification, metric: float | None) -> tuple[bool, str]:
+        if budget.metric is not None:
+            drop = measurer.reference_metric - metric
+            return (
+                drop <= budget.max_drop,
+                f"metric {metric:.6g} (drop {drop:.3g}, max_drop {budget.max_drop:g})",
+            )
+        err = verification.worst_rel_l2
+        limit = max(budget.max_error, baseline)
+        return (
+            err <= limit,
+            f"measured output error {err:.3g} {'<=' if err <= limit else '>'} max_error {budget.max_error:g}",
+        )
+
+    def affines(keys) -> dict:
+        return calibration.affines(keys)
+
+    if not trials:
+        return selection
+    every = {k for t in trials for k in t.keys}
+    verification, metric, collapsed = measurer.measure(affines(every))
+    ok, why = within(verification, metric)
+    if ok:
+        for trial in trials:
+            _record(trial, verification, metric, collapsed, True, f"all fitted sites together: {why}")
+        selection.accepted = {k for t in trials if t.accepted for k in t.keys}
+        return selection
+    log.info(
+        "all %d fitted sites together are outside the budget (%s); trying them one by one", len(trials), why
+    )
+    for trial in trials:
+        verification, metric, collapsed = measurer.measure(affines(selection.accepted | set(trial.keys)))
+        ok, why = within(verification, metric)
+        _record(trial, verification, metric, collapsed, ok, why)
+        if trial.accepted:
+            selection.accepted |= set(trial.keys)
+    return selection
+
+
+def _record(
+    trial: Trial, verification: Verification, metric, collapsed: list[str], ok: bool, why: str
+) -> None:
+    trial.measured_error = verification.worst_rel_l2 if verification.outputs else None
+    trial.metric = metric
+    if ok and not any(k in collapsed for k in trial.keys):
+        trial.accepted, trial.reason = False, "fit not used: the site does not collapse (see its reason)"
+        return
+    trial.accepted = ok
+    trial.reason = ("fit accepted: " if ok else "fit rejected: ") + why
