@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from lc_onnx.errors import UserError
+
 
 def add_fuse_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -33,3 +35,43 @@ def fuse_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "allow_growth": args.allow_growth,
         "input_shapes": parse_input_shapes(args.input_shape) or None,
     }
+
+
+def add_calibration_options(parser: argparse.ArgumentParser) -> None:
+    """`--data`, `--fits`, `--metric`, `--max-drop`, `--calib-batches` (see `lc_onnx.calibration`)."""
+    group = parser.add_argument_group("calibration (replaces the --threshold rule by fits measured on data)")
+    group.add_argument(
+        "--data", metavar="SPEC",
+        help="calibration data: FILE.py:FUNCTION (returns an iterable of {input: array}), DIR of .npz or "
+        "FILE.npz; fits every activation and collapses the sites that keep the outputs within --max-error "
+        "on held-out feeds",
+    )  # fmt: skip
+    group.add_argument("--fits", metavar="FITS.json", help="reuse the fits of `lc-onnx calibrate`")
+    group.add_argument(
+        "--metric", metavar="FILE.py:FUNCTION",
+        help="metric(run) -> float, higher is better (run(feed) returns the outputs); with --max-drop",
+    )  # fmt: skip
+    group.add_argument("--max-drop", type=float, metavar="D", help="largest allowed metric drop")
+    group.add_argument(
+        "--calib-batches", type=int, metavar="N",
+        help="fit on the first N feeds, hold out the next ones (default: every 4th feed is held out)",
+    )  # fmt: skip
+
+
+def calibration_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    from lc_onnx.calibration.data import from_spec, load_callable
+
+    kwargs: dict[str, Any] = {}
+    if args.data is not None:
+        kwargs["data"] = from_spec(args.data)
+    if args.fits is not None:
+        kwargs["fits"] = args.fits
+    if args.metric is not None:
+        kwargs["metric"] = load_callable(args.metric, "--metric")
+    if args.max_drop is not None:
+        kwargs["max_drop"] = args.max_drop
+    if args.calib_batches is not None:
+        kwargs["calib_batches"] = args.calib_batches
+    if kwargs and not ({"data", "fits"} & kwargs.keys()):
+        raise UserError("--metric, --max-drop and --calib-batches need --data (or --fits)")
+    return kwargs

@@ -3,8 +3,10 @@
 Finds Gemm / MatMul(+Add) layers joined by Identity, Dropout, BatchNormalization or PRelu/LeakyRelu
 whose slopes are within --threshold of 1, rewrites each chain as one layer, runs the original and the
 fused model on the same inputs and writes the fused model only when every output's relative L2 error is
-within --max-error. With --triton-repo DIR the fused model is also written as a new version of a
-Triton model repository (see `lc-onnx deploy`; the repository options are checked before fusing).
+within --max-error. With --data (calibration data) activations of any kind are replaced by per-channel
+affine fits, and only the sites that keep the outputs within the budget on held-out data collapse.
+With --triton-repo DIR the fused model is also written as a new version of a Triton model repository
+(see `lc-onnx deploy`; the repository options are checked before fusing).
 
 Exit codes: 0 done (also when nothing qualified: the output is then the same graph), 1 verification
 failed (nothing written), 2 bad input.
@@ -24,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, help="the .onnx model to fuse")
     parser.add_argument("-o", "--output", type=Path, help="where to write (default MODEL.collapsed.onnx)")
     common.add_fuse_options(parser)
+    common.add_calibration_options(parser)
     parser.add_argument("--report", type=Path, metavar="R.json", help="write the JSON report here")
     parser.add_argument("--dry-run", action="store_true", help="fuse and verify but write no model")
     parser.add_argument(
@@ -45,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
         output=output,
         verify=not args.no_verify,
         **common.fuse_kwargs(args),
+        **common.calibration_kwargs(args),
     )
     print(summary(result.report))
     if args.report is not None:
