@@ -184,6 +184,10 @@ def from_spec(spec: str) -> Iterable[Any]:
         if not path.is_file():
             raise UserError(f"--data {spec}: no such file")
         return _npz_feeds([path])
+    if ":" not in spec:
+        raise UserError(
+            f"--data {spec}: no such file or directory (expected FILE.py:FUNCTION, DIR or FILE.npz)"
+        )
     fn = load_callable(spec, "--data")
     return _guarded(fn, spec)
 

@@ -83,9 +83,9 @@ class Calibration:
         }
 
     def save(self, path: str | os.PathLike) -> None:
-        from lc_onnx.commands.common import write_text_atomic
+        from lc_onnx import files
 
-        write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=1) + "\n")
+        files.write_text(Path(path), json.dumps(self.to_dict(), indent=1) + "\n")
 
 
 def from_statistics(stats: Statistics) -> Calibration:
