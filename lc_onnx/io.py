@@ -125,6 +125,8 @@ def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
 
 def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
     for node in graph.node:
         yield from _node_tensors(node)
 
@@ -233,6 +235,8 @@ def _expected_nbytes(tensor: onnx.TensorProto) -> int | None:
 
 def read_tensor(tensor: onnx.TensorProto, base_dir: Path | None) -> np.ndarray:
     """The tensor's values as numpy; external data is memory-mapped, not copied."""
+    if isinstance(tensor, onnx.SparseTensorProto):
+        return _dense(tensor, base_dir)
     try:
         if not _is_external(tensor):
             return numpy_helper.to_array(tensor)
@@ -249,6 +253,22 @@ def read_tensor(tensor: onnx.TensorProto, base_dir: Path | None) -> np.ndarray:
         raise UserError(
             f"tensor {tensor.name!r}: data does not match its type and shape ({_first_line(exc)})"
         ) from None
+
+
+def _dense(sparse: onnx.SparseTensorProto, base_dir: Path | None) -> np.ndarray:
+    """A sparse tensor as a dense array of its values' dtype (indices: `[NNZ]` linear or `[NNZ, rank]`)."""
+    values = read_tensor(sparse.values, base_dir)
+    indices = read_tensor(sparse.indices, base_dir).astype(np.int64)
+    dims = tuple(sparse.dims)
+    try:
+        flat = indices if indices.ndim == 1 else np.ravel_multi_index(tuple(indices.T), dims)
+        dense = np.zeros(int(np.prod(dims, dtype=np.int64)), dtype=values.dtype)
+        dense[flat] = values.reshape(-1)
+    except (ValueError, IndexError) as exc:
+        raise UserError(
+            f"sparse tensor {sparse.values.name!r}: indices do not fit its shape ({_first_line(exc)})"
+        ) from None
+    return dense.reshape(dims)
 
 
 def _inline(tensor: onnx.TensorProto, base_dir: Path | None) -> None:

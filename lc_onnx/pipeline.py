@@ -225,6 +225,7 @@ def collapse_graph(loaded: io.LoadedModel, options: Options) -> Rewritten:
         return Rewritten(None, skipped)
     new = gs.export_onnx(graph, do_type_check=False)
     _restore_model_fields(new, proto)
+    rewrite.restore_sparse(new, proto)
     return Rewritten(new, reports + skipped)
 
 

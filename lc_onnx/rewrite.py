@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from lc_onnx.decide import Collapse
@@ -74,3 +75,17 @@ def _emit(
     graph.nodes.append(gs.Node("MatMul", namer(base + "/MatMul"), inputs=[x, w], outputs=[mm]))
     b = gs.Constant(namer(base + ".bias"), bias)
     graph.nodes.append(gs.Node("Add", namer(base + "/Add"), inputs=[mm, b], outputs=[out]))
+
+
+def restore_sparse(new: onnx.ModelProto, old: onnx.ModelProto) -> None:
+    """Put back the sparse initializers of `old` that `new` still uses.
+
+    graphsurgeon turns a sparse initializer into a dense float64 one as soon as its values are read (the
+    matcher reads channel constants); written like that, the model no longer type-checks.
+    """
+    sparse = {s.values.name: s for s in old.graph.sparse_initializer}
+    densified = [t for t in new.graph.initializer if t.name in sparse]
+    for dense in densified:
+        new.graph.initializer.remove(dense)
+    present = {s.values.name for s in new.graph.sparse_initializer}
+    new.graph.sparse_initializer.extend(sparse[t.name] for t in densified if t.name not in present)

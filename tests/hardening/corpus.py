@@ -322,6 +322,33 @@ def local_function() -> onnx.ModelProto:
     return m
 
 
+def sparse(where: str) -> Callable[[], onnx.ModelProto]:
+    """A `sparse_initializer`: added to the output after the site ("after"), or as the site's first weight."""
+
+    def build() -> onnx.ModelProto:
+        m = mlp()
+        if where == "after":
+            values, indices, dims = np.array([1.5, -2.0], np.float32), np.array([0, 2], np.int64), [4]
+            m.graph.node[-1].output[0] = "y0"
+            m.graph.node.append(helper.make_node("Add", ["y0", "s"], ["y"], name="add_sparse"))
+            name = "s"
+        else:
+            w = m.graph.initializer[0]
+            dense = numpy_helper.to_array(w).copy()
+            dense[:, ::2] = 0
+            indices = np.argwhere(dense)  # [NNZ, rank] coordinates
+            values, dims, name = dense[dense != 0], list(dense.shape), w.name
+            m.graph.initializer.remove(w)
+        m.graph.sparse_initializer.append(
+            helper.make_sparse_tensor(
+                numpy_helper.from_array(values, name), numpy_helper.from_array(indices, name + ".idx"), dims
+            )
+        )
+        return m
+
+    return build
+
+
 def _rename(node: onnx.NodeProto, names: dict[str, str]) -> onnx.NodeProto:
     copy = onnx.NodeProto()
     copy.CopyFrom(node)
@@ -495,4 +522,6 @@ OUTPUTS: list[tuple[str, Callable[[Path], Invocation], int]] = [
     ("scan_with_site_in_body", with_model(scan_with_site_inside), 0),
     ("model_local_function", with_model(local_function), 1),
     ("external_data", lambda d: Invocation(external(d)), 1),
+    ("sparse_initializer_after_site", with_model(sparse("after")), 1),
+    ("sparse_initializer_as_weight", with_model(sparse("weight")), 1),
 ]

@@ -102,8 +102,8 @@ def test_odd_input_gives_a_correct_model(tmp_path, capsys, build, collapsed):
 def _passes_checker(model: onnx.ModelProto) -> bool:
     try:
         onnx.checker.check_model(model, full_check=True)
-    except onnx.checker.ValidationError:
-        return False
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError):
+        return False  # e.g. sparse initializers, which onnx's own type check does not accept as inputs
     return True
 
 
