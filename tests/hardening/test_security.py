@@ -136,7 +136,21 @@ def _escaping_subgraph() -> onnx.ModelProto:
     return m
 
 
-@pytest.mark.parametrize("build", [_escaping_constant, _escaping_subgraph])
+def _escaping_sparse() -> onnx.ModelProto:
+    """A sparse initializer whose values point at `../secret`."""
+    m = mlp()
+    values = helper.make_tensor("s", TensorProto.FLOAT, [1], np.zeros(1, np.float32))
+    values.ClearField("float_data")
+    values.data_location = TensorProto.EXTERNAL
+    values.external_data.add(key="location", value="../secret")
+    indices = helper.make_tensor("s.idx", TensorProto.INT64, [1], np.zeros(1, np.int64))
+    m.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, [4]))
+    m.graph.node[-1].output[0] = "y0"
+    m.graph.node.append(helper.make_node("Add", ["y0", "s"], ["y"]))
+    return m
+
+
+@pytest.mark.parametrize("build", [_escaping_constant, _escaping_subgraph, _escaping_sparse])
 def test_external_data_is_confined_in_every_tensor(tmp_path, build):
     (tmp_path / "secret").write_bytes(b"\0" * 16)
     inside = tmp_path / "model"
