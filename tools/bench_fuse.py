@@ -1,7 +1,7 @@
 """Wall time and peak memory of `lc-onnx fuse` against onnxslim and onnxsim on the same model.
 
 Each tool runs as its own child process from the command line, exactly as a user would start it (so
-interpreter start-up and imports count for everyone), several times, in interleaved order. Wall time is
+interpreter start-up and imports count for everyone), several times, in interleaved order (rotated each round). Wall time is
 measured around the child; peak memory is the child's maximum resident set size as the kernel reports it
 to `os.wait4` (`ru_maxrss`, the whole process tree's peak is not included: none of these tools forks
 workers). `lc-onnx fuse` runs with its default verification in onnxruntime.
@@ -34,8 +34,12 @@ def commands(model: Path, out: Path) -> dict[str, list[str]]:
     }
 
 
-def measure(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS MiB) of one child process; raises if it fails."""
+def measure(cmd: list[str]) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds (user + system), peak RSS MiB) of one child process; raises if it fails.
+
+    CPU seconds are what the tool costs whatever else runs on the machine; wall time also counts the
+    time it waited for a core, so on a shared machine it is noisier.
+    """
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -44,7 +48,7 @@ def measure(cmd: list[str]) -> tuple[float, float]:
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{err[-2000:]}")
-    return wall, usage.ru_maxrss / 1024.0  # Linux reports KiB
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024.0  # Linux reports KiB
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,22 +61,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.json.parent.mkdir(parents=True, exist_ok=True)
 
-    samples: dict[str, list[tuple[float, float]]] = {}
+    samples: dict[str, list[tuple[float, float, float]]] = {}
+    loads = []
     with tempfile.TemporaryDirectory(dir=args.json.parent) as tmp:
         cmds = commands(args.model, Path(tmp))
         for i in range(args.runs):
-            for name, cmd in cmds.items():
-                wall, rss = measure(cmd)
-                samples.setdefault(name, []).append((wall, rss))
+            # Rotate the order each round so no tool always runs first (cold page cache) or last.
+            names = list(cmds)[i % len(cmds) :] + list(cmds)[: i % len(cmds)]
+            for name in names:
+                loads.append(os.getloadavg()[0])
+                wall, cpu, rss = measure(cmds[name])
+                samples.setdefault(name, []).append((wall, cpu, rss))
                 print(
-                    f"run {i + 1}/{args.runs} {name}: {wall:.2f} s, peak RSS {rss:.0f} MiB", file=sys.stderr
+                    f"run {i + 1}/{args.runs} {name}: {wall:.2f} s wall, {cpu:.2f} s CPU, "
+                    f"peak RSS {rss:.0f} MiB (load {loads[-1]:.2f})",
+                    file=sys.stderr,
                 )
 
     med = {
-        name: (statistics.median(w for w, _ in s), statistics.median(m for _, m in s))
+        name: tuple(statistics.median(sample[j] for sample in s) for j in range(3))
         for name, s in samples.items()
     }
-    lc_time, lc_mem = med["lc-onnx fuse"]
+    lc_time, lc_cpu, lc_mem = med["lc-onnx fuse"]
     versions = {
         "lc-onnx fuse": version("lc-onnx"),
         "onnxslim": version("onnxslim"),
@@ -80,22 +90,28 @@ def main(argv: list[str] | None = None) -> int:
     }
     lines = [
         f"`{args.model.name}` ({args.model.stat().st_size / 2**20:.0f} MiB), {args.runs} runs each, medians; "
-        f"{os.cpu_count()} CPU cores.",
+        f"{os.cpu_count()} CPU cores, 1-minute load average {min(loads):.2f} to {max(loads):.2f} "
+        "before the runs.",
         "",
-        "| tool | version | wall s | peak RSS MiB | lc-onnx time / this | lc-onnx memory / this |",
-        "|---|---|---|---|---|---|",
+        "| tool | version | wall s | CPU s | peak RSS MiB | lc-onnx wall / this | lc-onnx CPU / this "
+        "| lc-onnx memory / this |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for name, (wall, rss) in med.items():
+    for name, (wall, cpu, rss) in med.items():
         lines.append(
-            f"| {name} | {versions[name]} | {wall:.2f} | {rss:.0f} | {lc_time / wall:.2f} | {lc_mem / rss:.2f} |"
+            f"| {name} | {versions[name]} | {wall:.2f} | {cpu:.2f} | {rss:.0f} | {lc_time / wall:.2f} "
+            f"| {lc_cpu / cpu:.2f} | {lc_mem / rss:.2f} |"
         )
     text = "\n".join(lines) + "\n"
     record = {
         "model": str(args.model),
         "runs": args.runs,
         "versions": versions,
-        "samples": {k: [{"wall_s": w, "peak_rss_mib": m} for w, m in v] for k, v in samples.items()},
-        "median": {k: {"wall_s": w, "peak_rss_mib": m} for k, (w, m) in med.items()},
+        "load_average_1m": loads,
+        "samples": {
+            k: [{"wall_s": w, "cpu_s": c, "peak_rss_mib": m} for w, c, m in v] for k, v in samples.items()
+        },
+        "median": {k: {"wall_s": w, "cpu_s": c, "peak_rss_mib": m} for k, (w, c, m) in med.items()},
     }
     args.json.write_text(json.dumps(record, indent=2) + "\n")
     args.json.with_suffix(".md").write_text(text)

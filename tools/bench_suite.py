@@ -68,6 +68,12 @@ def non_shrinking_share(profile: dict[str, float]) -> float:
     return keep / sum(kernels.values())
 
 
+def prelu_share(profile: dict[str, float]) -> float:
+    """Fraction of a run's kernel time in PRelu, the activation a collapse removes outright."""
+    kernels = {op: ms for op, ms in profile.items() if op != "total"}
+    return kernels.get("PRelu", 0.0) / sum(kernels.values())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -94,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = [
         "| model | batch | original ms | fused ms | oracle ms | realized | oracle | fused/oracle "
-        "| MAC bound | realized/MAC bound | non-shrinking share |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| MAC bound | realized/MAC bound | non-shrinking share orig → fused | PRelu share orig | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     graph_notes = []
     for name in args.models.split(","):
@@ -126,12 +132,22 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / f"{name}.md").write_text(result.to_markdown() + "\n\n" + result.profile_markdown() + "\n")
         result.plot(args.out / f"{name}.png", title=f"{TITLES.get(name, name)}, onnxruntime {args.provider}")
         for run, row in zip(result.runs, result.rows(), strict=True):
-            share = non_shrinking_share(result.profiles[run.batch]["a"]) if result.profiles else float("nan")
+            profile = result.profiles.get(run.batch, {})
+            share_a, share_b, prelu = (
+                (
+                    non_shrinking_share(profile["a"]),
+                    non_shrinking_share(profile["b"]),
+                    prelu_share(profile["a"]),
+                )
+                if profile
+                else (float("nan"),) * 3
+            )
+            load = "n/a" if run.load_average is None else "{:.1f}–{:.1f}".format(*run.load_average)
             summary.append(
                 f"| {TITLES.get(name, name)} | {run.batch} | {row['a_ms_median']:.1f} | {row['b_ms_median']:.1f} "
                 f"| {row['c_ms_median']:.1f} | {row['speedup']:.2f}× | {row['oracle_speedup']:.2f}× "
                 f"| {row['fused_over_oracle']:.3f} | {row['ideal_speedup']:.2f}× "
-                f"| {row['realized_over_ideal']:.2f} | {share:.0%} |"
+                f"| {row['realized_over_ideal']:.2f} | {share_a:.0%} → {share_b:.0%} | {prelu:.0%} | {load} |"
             )
     env = result.environment
     text = (

@@ -63,6 +63,8 @@ class BenchResult:
         rows = []
         for run in self.runs:
             row: dict[str, object] = {"provider": run.provider, "batch": run.batch}
+            if run.load_average is not None:
+                row["load_average_1m_start"], row["load_average_1m_end"] = run.load_average
             for label, timing in run.timings.items():
                 row[f"{label}_ms_median"] = timing.ms_median
                 row[f"{label}_ms_p90"] = timing.ms_p90

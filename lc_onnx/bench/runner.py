@@ -11,6 +11,7 @@ binding and each timed run ends with a device synchronisation, so the time is th
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -91,6 +92,9 @@ class BatchRun:
     batch: int
     timings: dict[str, Timing]
     macs: dict[str, int]
+    # 1-minute load average of the machine when this batch's rounds started and ended (None off Unix):
+    # the timings are only as quiet as this.
+    load_average: tuple[float, float] | None = None
 
 
 def _session_options(threads: int, profile_prefix: str | None = None):
@@ -210,6 +214,10 @@ def _cuda_runner(session, feeds: Mapping[str, np.ndarray]) -> Callable[[], float
     return run
 
 
+def _load_average() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 def load_graph(path: Path) -> onnx.ModelProto:
     """The model's graph without tensor data (enough for MAC counting), or a one-line `UserError`."""
     if not path.is_file():
@@ -259,6 +267,7 @@ def bench_models(
         make_runner = _cuda_runner if config.provider == "cuda" else _cpu_runner
         runners = {label: make_runner(sessions[label], feeds) for label in labels}
         samples: dict[str, list[float]] = {label: [] for label in labels}
+        load_start = _load_average()
         for round_index in range(config.warmup + config.runs):
             # Rotate who goes first so no model always runs right after the same other one.
             shift = round_index % len(labels)
@@ -269,7 +278,9 @@ def bench_models(
             if progress is not None:
                 progress(1)
         timings = {label: Timing.from_samples(samples[label], batch) for label in labels}
-        results.append(BatchRun(config.provider, batch, timings, macs))
+        load_end = _load_average()
+        load = None if load_start is None or load_end is None else (load_start, load_end)
+        results.append(BatchRun(config.provider, batch, timings, macs, load))
         logger.info(
             "batch %d: %s",
             batch,

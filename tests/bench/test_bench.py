@@ -76,6 +76,8 @@ def test_json_markdown_and_plot(models, tmp_path, capsys) -> None:
         assert run["provider"] == "cpu"
         for key in ("a_ms_median", "b_ms_median", "a_ms_p90", "b_ms_p99", "speedup", "a_throughput"):
             assert math.isfinite(run[key]) and run[key] > 0, key
+        assert run["a_ms_median"] <= run["a_ms_p90"] <= run["a_ms_p99"]
+        assert math.isfinite(run["load_average_1m_start"]) and math.isfinite(run["load_average_1m_end"])
         # batch * (16*32 + 32*16) MACs against batch * 16*16
         assert run["a_macs"] == run["batch"] * 2 * D * H
         assert run["b_macs"] == run["batch"] * D * D
