@@ -73,6 +73,7 @@ def fuse(
     output: str | os.PathLike | None = None,
     threshold: float = 0.05,
     max_error: float = 1e-2,
+    max_abs_error: float | None = None,
     verify: bool = True,
     allow_growth: bool = False,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
@@ -90,6 +91,7 @@ def fuse(
         output: where to write the fused model (atomically, after verification); None keeps it in memory.
         threshold: PRelu/LeakyRelu slopes within this distance of 1 count as the identity.
         max_error: largest allowed relative L2 error of any output; beyond it `VerificationError`.
+        max_abs_error: also a largest allowed absolute error of any output element (None: no limit).
         verify: run original and fused in onnxruntime (strongly recommended).
         allow_growth: collapse even when the single layer has more weights than the ones it replaces.
         input_shapes: concrete shapes for graph inputs (dynamic dims default to 2); sets verification and
@@ -115,13 +117,14 @@ def fuse(
         from lc_onnx.calibration import fuse_calibrated
 
         return fuse_calibrated(
-            model, data=data, fits=fits, max_error=max_error, metric=metric, max_drop=max_drop,
+            model, data=data, fits=fits, max_error=max_error, max_abs_error=max_abs_error,
+            metric=metric, max_drop=max_drop,
             calib_batches=calib_batches, output=output, verify=verify, allow_growth=allow_growth,
             input_shapes=input_shapes,
         )  # fmt: skip
     start = time.perf_counter()
-    if threshold < 0 or max_error < 0:
-        raise UserError("threshold and max_error must be >= 0")
+    if threshold < 0 or max_error < 0 or (max_abs_error is not None and max_abs_error < 0):
+        raise UserError("threshold, max_error and max_abs_error must be >= 0")
     loaded = io.load(model) if not isinstance(model, onnx.ModelProto) else io.from_proto(model)
     out_path = Path(output) if output is not None else None
     if out_path is not None and loaded.path is not None and _same_file(out_path, loaded.path):
@@ -174,12 +177,9 @@ def fuse(
         report.seconds = time.perf_counter() - start
         verification = report.verification
         worst = verification.worst_rel_l2
-        if worst > max_error:
-            raise VerificationError(
-                f"fused model differs from the original: relative L2 error {worst:.3g} > max_error {max_error:g}"
-                f" (output {max(verification.outputs, key=lambda k: verification.outputs[k].rel_l2)!r}); "
-                "nothing written"
-            )
+        breach = verification.breach(max_error, max_abs_error)
+        if breach is not None:
+            raise VerificationError(f"fused model differs from the original: {breach}; nothing written")
         if changed and all(s.extra.get("exact") for s in report.collapsed) and worst > EXACT_TOLERANCE:
             log.warning("exact collapse but relative L2 error %.3g (> %g)", worst, EXACT_TOLERANCE)
         if out_path is not None:

@@ -48,6 +48,25 @@ class Verification:
     def worst_rel_l2(self) -> float:
         return max((e.rel_l2 for e in self.outputs.values()), default=0.0)
 
+    @property
+    def worst_max_abs(self) -> float:
+        return max((e.max_abs for e in self.outputs.values()), default=0.0)
+
+    def breach(self, max_error: float, max_abs_error: float | None = None) -> str | None:
+        """What exceeds the budget (relative L2 `max_error`, absolute `max_abs_error`), or None."""
+        if not self.outputs:
+            return None
+        name = max(self.outputs, key=lambda k: self.outputs[k].rel_l2)
+        if self.outputs[name].rel_l2 > max_error:
+            return f"relative L2 error {self.outputs[name].rel_l2:.3g} > max_error {max_error:g} (output {name!r})"
+        name = max(self.outputs, key=lambda k: self.outputs[k].max_abs)
+        if max_abs_error is not None and self.outputs[name].max_abs > max_abs_error:
+            return (
+                f"max abs error {self.outputs[name].max_abs:.3g} > max_abs_error {max_abs_error:g} "
+                f"(output {name!r})"
+            )
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
             "outputs": {k: asdict(v) for k, v in self.outputs.items()},

@@ -67,12 +67,29 @@ def test_dry_run_writes_no_model(mlp, capsys):
     assert files(mlp.parent) == ["mlp.onnx"]
 
 
-def test_verification_failure_exits_1_and_writes_nothing(mlp, capsys):
+@pytest.mark.parametrize(
+    "budget,message",
+    [
+        (["--max-error", "1e-6"], "relative L2 error"),
+        (["--max-error", "0.1", "--max-abs-error", "1e-6"], "max abs error"),
+    ],
+)
+def test_verification_failure_exits_1_and_writes_nothing(mlp, capsys, budget, message):
     before = mlp.read_bytes()
-    assert cli.main(["fuse", str(mlp), "--max-error", "1e-6"]) == 1
+    assert cli.main(["fuse", str(mlp), *budget]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lc-onnx fuse: error: fused model differs from the original")
+    assert message in err[0] and "'fc2_out'" in err[0]
     assert files(mlp.parent) == ["mlp.onnx"] and mlp.read_bytes() == before
+
+
+def test_max_abs_error_within_budget_passes(mlp):
+    report = mlp.parent / "r.json"
+    assert (
+        cli.main(["fuse", str(mlp), "--max-error", "0.1", "--max-abs-error", "10", "--report", str(report)])
+        == 0
+    )
+    assert 0 < json.loads(report.read_text())["verification"]["outputs"]["fc2_out"]["max_abs"] <= 10
 
 
 @pytest.mark.parametrize(

@@ -80,6 +80,7 @@ def fuse_calibrated(
     data: Any = None,
     fits: Calibration | str | os.PathLike | None = None,
     max_error: float = 1e-2,
+    max_abs_error: float | None = None,
     metric: Metric | None = None,
     max_drop: float | None = None,
     calib_batches: int | None = None,
@@ -116,18 +117,21 @@ def fuse_calibrated(
             "no held-out calibration feeds for the selection: give at least 4 batches, or more than "
             "--calib-batches"
         )
-    budget = Budget(max_error=max_error, metric=metric, max_drop=max_drop)
+    budget = Budget(max_error=max_error, max_abs_error=max_abs_error, metric=metric, max_drop=max_drop)
     if held or metric is not None:
         selection = select(loaded, calibration, held, budget, allow_growth=allow_growth)
         chosen = calibration.affines(selection.accepted)
     else:
         selection, chosen = None, calibration.affines()
-    gate = max_error if selection is None else max(max_error, selection.baseline_error)
+    gate, abs_gate = max_error, max_abs_error
+    if selection is not None:  # the exact-only model's float rounding is always allowed
+        gate = max(max_error, selection.baseline.worst_rel_l2)
+        abs_gate = None if max_abs_error is None else max(max_abs_error, selection.baseline.worst_max_abs)
     if metric is not None:
-        gate = float("inf")  # the metric decided; the output errors are still measured and reported
+        gate, abs_gate = float("inf"), None  # the metric decided; output errors are still reported
     result = pipeline.fuse(
         loaded.path if loaded.path is not None else loaded.proto,
-        output=output, threshold=0.0, max_error=gate, verify=verify, allow_growth=allow_growth,
+        output=output, threshold=0.0, max_error=gate, max_abs_error=abs_gate, verify=verify, allow_growth=allow_growth,
         input_shapes=input_shapes, feeds=held or None, fits=chosen,
     )  # fmt: skip
     annotate(result.report, calibration, selection)

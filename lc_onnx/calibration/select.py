@@ -38,16 +38,19 @@ Metric = Callable[[Callable[[Feed], dict[str, np.ndarray]]], float]
 
 @dataclass(frozen=True)
 class Budget:
-    """`max_error` on the outputs' relative L2 error, or `metric` with `max_drop` (then `max_error` is
-    not used for selection)."""
+    """`max_error` on the outputs' relative L2 error (and `max_abs_error` on their largest absolute
+    error, when given), or `metric` with `max_drop` (then the output errors are not used for selection)."""
 
     max_error: float = 1e-2
+    max_abs_error: float | None = None
     metric: Metric | None = None
     max_drop: float | None = None
 
     def describe(self) -> str:
         if self.metric is not None:
             return f"metric drop <= {self.max_drop:g}"
+        if self.max_abs_error is not None:
+            return f"rel_l2 <= {self.max_error:g} and max_abs <= {self.max_abs_error:g}"
         return f"rel_l2 <= {self.max_error:g}"
 
 
@@ -67,7 +70,7 @@ class Trial:
 class Selection:
     accepted: set[str]
     trials: list[Trial]
-    baseline_error: float
+    baseline: Verification
     budget: Budget
     reference_metric: float | None = None
     notes: list[str] = field(default_factory=list)
@@ -159,8 +162,7 @@ def select(
     trials = candidates(loaded, calibration)
     measurer = _Measurer(loaded, feeds, budget, allow_growth)
     base, base_metric, _ = measurer.measure({})
-    baseline = base.worst_rel_l2
-    selection = Selection(set(), trials, baseline, budget, measurer.reference_metric)
+    selection = Selection(set(), trials, base, budget, measurer.reference_metric)
 
     def within(verification: Verification, metric: float | None) -> tuple[bool, str]:
         if budget.metric is not None:
@@ -169,12 +171,18 @@ def select(
                 drop <= budget.max_drop,
                 f"metric {metric:.6g} (drop {drop:.3g}, max_drop {budget.max_drop:g})",
             )
-        err = verification.worst_rel_l2
-        limit = max(budget.max_error, baseline)
-        return (
-            err <= limit,
-            f"measured output error {err:.3g} {'<=' if err <= limit else '>'} max_error {budget.max_error:g}",
-        )
+        # The exact-only model's float rounding is always allowed.
+        limit = max(budget.max_error, base.worst_rel_l2)
+        abs_limit = None if budget.max_abs_error is None else max(budget.max_abs_error, base.worst_max_abs)
+        breach = verification.breach(limit, abs_limit)
+        if breach is not None:
+            return False, f"measured {breach}"
+        measured = f"measured output error {verification.worst_rel_l2:.3g} <= max_error {budget.max_error:g}"
+        if abs_limit is not None:
+            measured += (
+                f", max abs {verification.worst_max_abs:.3g} <= max_abs_error {budget.max_abs_error:g}"
+            )
+        return True, measured
 
     def affines(keys) -> dict:
         return calibration.affines(keys)

@@ -18,6 +18,10 @@ def add_fuse_options(parser: argparse.ArgumentParser) -> None:
         help="largest allowed relative L2 error of any output (default 1e-2)",
     )  # fmt: skip
     parser.add_argument(
+        "--max-abs-error", type=float, metavar="A",
+        help="also a largest allowed absolute error of any output element (default: no limit)",
+    )  # fmt: skip
+    parser.add_argument(
         "--allow-growth", action="store_true", help="collapse even when it adds parameters (bottlenecks)"
     )
     parser.add_argument(
@@ -32,6 +36,7 @@ def fuse_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "threshold": args.threshold,
         "max_error": args.max_error,
+        "max_abs_error": args.max_abs_error,
         "allow_growth": args.allow_growth,
         "input_shapes": parse_input_shapes(args.input_shape) or None,
     }

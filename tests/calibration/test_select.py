@@ -53,6 +53,23 @@ def test_prelu_slopes_outside_the_rule_collapse_within_the_budget():
     onnx.checker.check_model(result.model, full_check=True)
 
 
+def test_max_abs_budget_is_measured_on_every_element():
+    model = mlp([SLOPES], [16, 64, 16])
+    data = feeds(model, 8, rows=32)
+    loose = lc_onnx.fuse(model, data=data, max_error=0.05)
+    worst_abs = max(
+        float(np.max(np.abs(ort_outputs(loose.model, f)[0] - ort_outputs(model, f)[0])))
+        for f in held_out(data)
+    )
+    assert worst_abs > 0
+    tight = lc_onnx.fuse(model, data=data, max_error=0.05, max_abs_error=worst_abs / 2)
+    assert tight.collapsed == 0
+    assert "max abs error" in tight.report.sites[0].extra["calibration"]["act0"]["reason"]
+    enough = lc_onnx.fuse(model, data=data, max_error=0.05, max_abs_error=worst_abs * 1.01)
+    assert enough.collapsed == 1
+    assert enough.report.verification.worst_max_abs == pytest.approx(worst_abs, rel=1e-5)
+
+
 def test_budget_zero_collapses_only_exactly_linear_sites():
     model = mlp([1.0, SLOPES32, "Gelu"], [32] * 5)
     data = feeds(model, 8, rows=32)
@@ -61,7 +78,7 @@ def test_budget_zero_collapses_only_exactly_linear_sites():
     assert all(s.extra["exact"] for s in result.report.collapsed)
     skipped = {s.activation: s.reason for s in result.report.sites if s.decision == "skipped"}
     assert skipped.keys() == {"PRelu", "Gelu"}
-    assert all("fit rejected: measured output error" in r for r in skipped.values())
+    assert all("fit rejected: measured relative L2 error" in r for r in skipped.values())
     assert measured(model, result.model, held_out(data)) < 1e-6
 
 
