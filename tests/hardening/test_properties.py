@@ -11,7 +11,7 @@ chain:
 - the output passes `onnx.checker.check_model(full_check=True)` and runs in onnxruntime;
 - when every collapse was exact, onnxruntime outputs match the original within a tolerance fitted to the
   dtype; when nothing collapsed, the model and its outputs are identical;
-- non-linear activations are never removed, weights never grow, and a gap that is exactly linear and
+- non-linear activations are never removed, every collapse shrinks the weights, and a gap that is exactly linear and
   whose collapse saves weights is collapsed;
 - fusing the output again collapses nothing and returns the same graph.
 """
@@ -175,6 +175,12 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray
     return runtime.make_session(model.SerializeToString(), optimization="disable").run(None, feeds)
 
 
+def weights(model: onnx.ModelProto) -> int:
+    """Elements of the MatMul/Gemm weight matrices (what the growth guard counts; biases are not)."""
+    sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
+    return sum(sizes.get(n.input[1], 0) for n in model.graph.node if n.op_type in ("MatMul", "Gemm"))
+
+
 def must_collapse(chain: Chain) -> bool:
     """Some gap is exactly linear and collapsing its two layers shrinks the weights."""
     return any(
@@ -220,7 +226,9 @@ def test_fuse_is_safe_exact_and_idempotent(chain: Chain) -> None:
     kept = {n.name for n in fused.graph.node}
     nonlinear = [n.name for n in model.graph.node if n.name.rsplit(".", 1)[-1] in NONLINEAR]
     assert set(nonlinear) <= kept
-    assert result.report.params_after <= result.report.params_before
+    # Every collapse strictly reduces the weights (the documented guard). Parameters including biases can
+    # grow by a few in tiny chains (1 -> 1 -> 3 gains a bias of 3 for 1), so they are not asserted here.
+    assert weights(fused) < weights(model) if collapsed else weights(fused) == weights(model)
 
     again = lc_onnx.fuse(fused, threshold=THRESHOLD, max_error=float("inf"))
     assert again.collapsed == 0, again.report.sites
