@@ -193,11 +193,15 @@ def _decide_chain(
         handled.update(range(i, j - 1))
         if any(id(layer.nodes[0]) in taken for layer in layers[i:j]):
             continue  # another collapse uses one of these layers this round; the next round retries
-        taken.update(id(layer.nodes[0]) for layer in layers[i:j])
         acts = [r.act for r in chain[i : j - 1]]
         result = algebra.collapse_chain([layer.affine(constants) for layer in layers[i:j]], acts)
         head = Head(layers[j - 1], result, _needs_bias(layers[i:j], acts))
-        out.append(_collapse(tuple(layers[i : j - 1]), (head,), chain[i : j - 1], constants))
+        collapse = _collapse(tuple(layers[i : j - 1]), (head,), chain[i : j - 1], constants)
+        if collapse.params_after >= collapse.params_before and not options.allow_growth:
+            out += [_params_skip(r.site, collapse, constants) for r in chain[i : j - 1]]
+            continue
+        taken.update(id(layer.nodes[0]) for layer in layers[i:j])
+        out.append(collapse)
     out += [_growth_skip(item, dims, m, constants) for m, item in enumerate(chain) if m not in handled]
     return out
 
@@ -231,7 +235,6 @@ def _decide_fanout(
         )
     if any(id(layer.nodes[0]) in taken for layer in layers):
         return None
-    taken.update(id(layer.nodes[0]) for layer in layers)
     first = site.producer.affine(constants)
     heads = tuple(
         Head(
@@ -241,7 +244,21 @@ def _decide_fanout(
         )
         for c in site.consumers
     )
-    return _collapse((site.producer,), heads, [item], constants)
+    collapse = _collapse((site.producer,), heads, [item], constants)
+    if collapse.params_after >= collapse.params_before and not options.allow_growth:
+        return _params_skip(site, collapse, constants)
+    taken.update(id(layer.nodes[0]) for layer in layers)
+    return collapse
+
+
+def _params_skip(site: Site, collapse: Collapse, constants: Constants) -> Skip:
+    """The weights would shrink, but not the parameters once biases, slopes and BatchNorm are counted."""
+    return Skip(
+        site,
+        f"collapsing would not reduce parameters: {collapse.params_before} -> {collapse.params_after} with "
+        "biases (a bias the layers did not have is needed; allow_growth forces it)",
+        _site_params(site, constants),
+    )
 
 
 def _needs_bias(layers: Sequence[Linear], acts: Sequence[ChannelAffine]) -> bool:

@@ -195,6 +195,21 @@ def test_bottleneck_refused_unless_allow_growth():
     assert grown.report.params_after > grown.report.params_before
 
 
+def test_collapse_that_needs_a_new_bias_and_saves_nothing_is_refused():
+    # 1 -> 1 -> 3: weights 1 + 3 shrink to 3, but the first bias forces a bias of 3 on the new layer:
+    # 1 + 1 (bias) + 1 (slope) + 3 = 6 parameters would become 3 + 3 = 6.
+    g = GraphBuilder()
+    h = g.gemm(g.input("x", ["N", 1]), 1, 1, name="fc1")
+    g.output(g.gemm(g.prelu(h, 1.0, name="act"), 1, 3, bias=False, name="fc2"), ["N", 3])
+    model = g.model()
+    result = check_fused(model, x2(1), collapsed=0, ops=["Gemm", "PRelu", "Gemm"])
+    assert result.report.sites[0].reason.startswith(
+        "collapsing would not reduce parameters: 6 -> 6 with biases"
+    )
+    grown = check_fused(model, x2(1), collapsed=1, ops=["Gemm"], allow_growth=True)
+    assert grown.report.params_after == grown.report.params_before == 6
+
+
 def test_fan_out_gives_each_head_its_own_layer():
     g = GraphBuilder()
     x = g.input("x", ["N", 8])
