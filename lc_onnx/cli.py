@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name, module in _available_commands().items():
         doc = (module.__doc__ or "").strip()
-        summary = doc.splitlines()[0] if doc else name
+        summary = " ".join(doc.split("\n\n")[0].split()).split(". ")[0].rstrip(".") if doc else name
         p = sub.add_parser(
             name,
             help=summary,
