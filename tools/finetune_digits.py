@@ -4,8 +4,9 @@
    and the KD teacher.
 2. From it, fine-tune for --epochs with collapse fraction 0 (the reference: same recipe, no collapse) and
    with each --fractions value (LayerCollapse: penalty, progressive collapse, export, graph-pass fuse).
-3. Train a KD student with the fully collapsed architecture (every MLP one 64x64 Linear), from scratch,
-   from the same teacher, for --epochs and for --base-epochs + --epochs.
+3. For each fraction, train a KD student with that LayerCollapse run's final architecture (the last
+   ceil(F * 6) MLPs each one 64x64 Linear), from scratch, from the same teacher, for --epochs; and for the
+   last fraction also for --base-epochs + --epochs (the teacher's and the fine-tune's epochs together).
 
 Writes OUT/results.json and OUT/table.md and prints the table (the README's `torch` section quotes it):
 
@@ -17,6 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
+import platform
 import time
 from dataclasses import replace
 from functools import partial
@@ -24,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from lc_onnx.torch import data, models
+from lc_onnx.torch import collapsible, data, models
 from lc_onnx.torch.distill import collapsed_student, distill
 from lc_onnx.torch.train import FinetuneConfig, finetune, load_checkpoint
 
@@ -71,19 +75,36 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.5, 1.0])
     parser.add_argument("--lam", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=1e-3, help="fine-tune and KD learning rate")
+    parser.add_argument("--slope-lr", type=float, default=3e-2)
+    parser.add_argument("--no-kd-long", action="store_true", help="skip the --base-epochs + --epochs KD run")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep finished runs found in OUT (their report.json / kd-*.json) instead of training again",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    started = time.perf_counter()
     torch.set_num_threads(2)
 
     common = FinetuneConfig(
-        model=VIT, out=args.out, model_kwargs=VIT_ARGS, lam=args.lam, seed=args.seed, progress=False
+        model=VIT,
+        out=args.out,
+        model_kwargs=VIT_ARGS,
+        lam=args.lam,
+        seed=args.seed,
+        lr=args.lr,
+        slope_lr=args.slope_lr,
+        progress=False,
     )
-    base_cfg = replace(common, out=args.out / "base", fractions=(0.0,), epochs=args.base_epochs)
-    base = finetune(base_cfg)
+    run = partial(_finetune, reuse=args.reuse)
+    base_cfg = replace(common, out=args.out / "base", fractions=(0.0,), epochs=args.base_epochs, lr=1e-3)
+    base = run(base_cfg)
     ckpt = args.out / "base" / "checkpoint.pt"
     rows = [{**_lc_row(f"base: from scratch, {args.base_epochs} epochs", base, None), "collapsed": "0/6"}]
 
-    reference = finetune(
+    reference = run(
         replace(common, out=args.out / "ft-0", fractions=(0.0,), epochs=args.epochs, checkpoint=ckpt)
     )
     ref_acc = reference["accuracy"]["after_collapse_torch"]
@@ -96,34 +117,69 @@ def main() -> None:
             epochs=args.epochs,
             checkpoint=ckpt,
         )
-        rows.append(
-            _lc_row(f"LayerCollapse, fraction {fraction}, {args.epochs} epochs", finetune(cfg), ref_acc)
-        )
+        rows.append(_lc_row(f"LayerCollapse, fraction {fraction}, {args.epochs} epochs", run(cfg), ref_acc))
 
     splits = data.digits(common.img_size)
     build = partial(models.build_model, VIT, splits.num_classes, common.img_size, kwargs=VIT_ARGS)
     teacher = build()
     load_checkpoint(ckpt, teacher)
-    for epochs in (args.epochs, args.base_epochs + args.epochs):
-        torch.manual_seed(args.seed)
-        t0 = time.perf_counter()
-        result = distill(collapsed_student(build), teacher, splits, epochs=epochs, seed=args.seed)
+    n_blocks = len(collapsible.find_blocks(teacher))
+    kd_runs = [(fraction, args.epochs) for fraction in args.fractions]
+    if not args.no_kd_long:
+        kd_runs.append((args.fractions[-1], args.base_epochs + args.epochs))
+    for fraction, epochs in kd_runs:
+        cache = args.out / f"kd-{fraction}-{epochs}.json"
+        if args.reuse and cache.exists():
+            result = json.loads(cache.read_text())
+        else:
+            torch.manual_seed(args.seed)
+            student = collapsed_student(build, fraction)
+            result = distill(student, teacher, splits, epochs=epochs, lr=args.lr, seed=args.seed)
+            cache.write_text(json.dumps(result) + "\n")
         rows.append(
             {
-                "run": f"KD student (collapsed architecture), from scratch, {epochs} epochs",
-                "collapsed": "6/6",
+                "run": f"KD student, architecture of LayerCollapse {fraction}, from scratch, {epochs} epochs",
+                "collapsed": f"{math.ceil(fraction * n_blocks)}/{n_blocks}",
                 "params": result["params"],
                 "macs": None,
                 "acc": result["accuracy"],
                 "acc_onnx": None,
                 "delta": result["accuracy"] - ref_acc,
-                "seconds": time.perf_counter() - t0,
+                "seconds": result["seconds"],
             }
         )
     table = _table(rows)
-    (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    machine = {
+        "cpu": _cpu_name(),
+        "cores_visible": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_average_at_end": os.getloadavg(),
+        "total_seconds": time.perf_counter() - started,
+    }
+    results = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine, "rows": rows}
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "table.md").write_text(table)
     print(table)
+    print(json.dumps(machine))
+
+
+def _finetune(cfg: FinetuneConfig, reuse: bool) -> dict:
+    report = cfg.out / "report.json"
+    if reuse and report.exists():
+        return json.loads(report.read_text())
+    return finetune(cfg)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

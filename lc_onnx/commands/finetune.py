@@ -52,7 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64, help="per process (default 64)")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate, cosine decay")
-    parser.add_argument("--slope-lr", type=float, default=1e-2, help="learning rate of the PReLU slopes")
+    parser.add_argument(
+        "--slope-lr", type=float, default=3e-2, help="learning rate of the PReLU slopes (default 3e-2)"
+    )
     parser.add_argument(
         "--init", type=float, help="initial PReLU slope (default: 0.01, LeakyReLU keeps its own)"
     )

@@ -1,12 +1,14 @@
 """Knowledge-distillation baseline: a student with the collapsed model's architecture, trained from scratch.
 
-The student is the teacher's architecture with every MLP block replaced by one `in x out` Linear (what
-`collapse` produces), freshly initialised. Loss (Hinton et al.): `alpha * T² * KL(softmax(t/T) ||
+The student is the teacher's architecture with the MLP blocks LayerCollapse would collapse (the last
+`ceil(fraction * n)`) each replaced by one `in x out` Linear, as `collapse` leaves them, all of it freshly
+initialised. Loss (Hinton et al.): `alpha * T² * KL(softmax(t/T) ||
 softmax(s/T)) + (1 - alpha) * cross-entropy`.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,10 +22,13 @@ from lc_onnx.torch.data import Splits
 from lc_onnx.torch.train import accuracy, cosine, count_params, make_optimizer, set_lr_scale, train_epoch
 
 
-def collapsed_student(build: Callable[[], nn.Module]) -> nn.Module:
-    """`build()` with every MLP block collapsed into one freshly initialised Linear."""
+def collapsed_student(build: Callable[[], nn.Module], fraction: float = 1.0) -> nn.Module:
+    """`build()` with its last `ceil(fraction * n)` MLP blocks (the ones `make_collapsible` would pick)
+    each replaced by one freshly initialised Linear: the architecture LayerCollapse ends with."""
     student = build()
-    steps = collapsible.collapse_steps(student, threshold=float("inf"), only=None, any_activation=True)
+    blocks = collapsible.find_blocks(student)
+    only = {b.name for b in blocks[len(blocks) - math.ceil(fraction * len(blocks)) :]}
+    steps = collapsible.collapse_steps(student, threshold=float("inf"), only=only, any_activation=True)
     for fc1_name in collapsible.surviving_linears(steps):
         student.get_submodule(fc1_name).reset_parameters()
     return student

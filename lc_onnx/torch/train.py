@@ -58,7 +58,7 @@ class FinetuneConfig:
     seed: int = 0
     batch_size: int = 64
     lr: float = 1e-3
-    slope_lr: float = 1e-2
+    slope_lr: float = 3e-2
     weight_decay: float = 0.05
     init: float | None = None
     max_error: float = 0.05
@@ -237,6 +237,10 @@ def train_epoch(
         total_loss += float(loss.detach()) * len(y)
         correct += float((logits.argmax(1) == y).sum())
         seen += len(y)
+    if dist.is_initialized():  # every rank saw its own shard: report the whole epoch
+        totals = torch.tensor([total_loss, correct, seen], dtype=torch.float64, device=device)
+        dist.all_reduce(totals)
+        total_loss, correct, seen = totals.tolist()
     return {"train_loss": total_loss / seen, "train_acc": 100.0 * correct / seen}
 
 

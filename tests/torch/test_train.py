@@ -1,7 +1,10 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import shutil
+import subprocess
 
 import pytest
 
@@ -134,7 +137,9 @@ def test_finetune_cli_smoke(tmp_path, capsys):
     assert acc["after_collapse_onnxruntime"] == pytest.approx(acc["after_collapse_torch"], abs=one)
     # 2 blocks of 16 -> 32 -> 16 become 16 -> 16: 2 * ((16*32+32) + (32*16+16) + 1 - (16*16+16)) removed
     assert report["params"]["start"] - report["params"]["after_collapse_torch"] == 2 * (544 + 528 + 1 - 272)
-    assert report["params"]["onnx_before_fuse"] - report["params"]["onnx_after_fuse"] == 2 * (544 + 528 + 1 - 272)
+    assert report["params"]["onnx_before_fuse"] - report["params"]["onnx_after_fuse"] == 2 * (
+        544 + 528 + 1 - 272
+    )
     assert report["macs"]["onnx_after_fuse"] < report["macs"]["onnx_before_fuse"]
     lines = (out / "metrics.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]
@@ -217,3 +222,26 @@ def test_finetune_under_torchrun_env_world_size_1(tmp_path, monkeypatch):
     assert seen and seen[0] == (1, "DistributedDataParallel")
     assert (out / "report.json").exists()
     assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.slow
+def test_finetune_under_torchrun_two_processes(tmp_path):
+    """`torchrun --nproc-per-node 2` on CPU (gloo): both ranks train, rank 0 writes the outputs, and the
+    progressive schedule moves to the second stage. About 25 s on 2 cores; run with `-m slow`."""
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not on PATH")
+    out = tmp_path / "ddp"
+    args = [torchrun, "--nproc-per-node", "2", "--master-port", "29617", "-m", "lc_onnx.cli", "finetune"]
+    args += ["--model", "vgg-mlp", "--model-arg", "width=4", "--model-arg", "hidden=16", "--img-size", "8"]
+    args += ["--epochs", "2", "--fraction", "0.5", "1.0", "--init", "1.0", "--out", str(out), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("2/2 MLP blocks collapsed") == 1  # only rank 0 reports
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2]
+    assert rows[0]["collapsed"] == ["classifier.5"] and rows[0]["stage"] == 1
+    report = json.loads((out / "report.json").read_text())
+    assert report["blocks"]["collapsed_at_end"] == ["classifier.1"]
+    assert report["blocks"]["collapsed"] == 2
