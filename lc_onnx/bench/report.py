@@ -11,12 +11,12 @@ from __future__ import annotations
 import math
 import os
 import platform
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lc_onnx.bench.runner import BatchRun, BenchConfig
+from lc_onnx.files import atomic_open, write_text
 
 __all__ = ["BenchResult", "environment"]
 
@@ -190,27 +190,13 @@ class BenchResult:
 
 
 def _atomic_savefig(fig, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent or ".")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temp file in the same directory and `os.replace`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write `text` to `path` atomically, with the permissions a plain `open()` would give."""
+    write_text(path, text)
 
 
 def labelled(models: Sequence[Path], oracle: Path | None) -> Mapping[str, Path]:

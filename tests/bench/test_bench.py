@@ -15,6 +15,7 @@ from lc_onnx.bench import BenchConfig, Timing, run_bench
 from lc_onnx.bench.profile import profile_op_times
 from lc_onnx.cli import main
 from lc_onnx.errors import UserError
+from lc_onnx.files import umask
 
 D, H = 16, 32
 
@@ -89,6 +90,9 @@ def test_json_markdown_and_plot(models, tmp_path, capsys) -> None:
     assert len(table) == 4 and table[2].startswith("| cpu | 1 |") and table[3].startswith("| cpu | 4 |")
     assert capsys.readouterr().out.strip().splitlines() == table
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Published with the permissions open() would give, not mkstemp's private 0600.
+    for out in (out_json, out_md, out_png):
+        assert out.stat().st_mode & 0o777 == 0o666 & ~umask(), out
 
 
 def test_oracle_is_timed_in_the_same_rounds(models) -> None:
