@@ -8,9 +8,11 @@
    ceil(F * 6) MLPs each one 64x64 Linear), from scratch, from the same teacher, for --epochs; and for the
    last fraction also for --base-epochs + --epochs (the teacher's and the fine-tune's epochs together).
 
-Writes OUT/results.json and OUT/table.md and prints the table (the README's `torch` section quotes it):
+Writes OUT/results.json and OUT/table.md and prints the table (the README's `torch` section quotes it);
+with several --seeds, one such directory per seed (OUT/seed-N) and OUT/summary.md:
 
     python tools/finetune_digits.py --out runs/digits
+    python tools/finetune_digits.py --out runs/digits-seeds --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -74,7 +76,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.5, 1.0])
     parser.add_argument("--lam", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="one experiment per seed (base training included); several: OUT/seed-N each and OUT/summary.md",
+    )
     parser.add_argument("--lr", type=float, default=1e-3, help="fine-tune and KD learning rate")
     parser.add_argument("--slope-lr", type=float, default=3e-2)
     parser.add_argument("--no-kd-long", action="store_true", help="skip the --base-epochs + --epochs KD run")
@@ -85,34 +93,59 @@ def main() -> None:
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    started = time.perf_counter()
     torch.set_num_threads(2)
+    per_seed = {}
+    for seed in args.seeds:
+        out = args.out if len(args.seeds) == 1 else args.out / f"seed-{seed}"
+        started = time.perf_counter()
+        rows = experiment(args, seed, out)
+        table = _table(rows)
+        machine = {
+            "cpu": _cpu_name(),
+            "cores_visible": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "load_average_at_end": os.getloadavg(),
+            "total_seconds": time.perf_counter() - started,
+        }
+        results = {"args": {k: str(v) for k, v in vars(args).items()}, "seed": seed, "machine": machine}
+        (out / "results.json").write_text(json.dumps({**results, "rows": rows}, indent=2) + "\n")
+        (out / "table.md").write_text(table)
+        print(f"seed {seed}:\n{table}\n{json.dumps(machine)}\n")
+        per_seed[seed] = rows
+    if len(args.seeds) > 1:
+        summary = _summary(per_seed)
+        (args.out / "summary.md").write_text(summary)
+        print(summary)
 
+
+def experiment(args: argparse.Namespace, seed: int, out: Path) -> list[dict]:
+    """Base training, the no-collapse fine-tune, LayerCollapse per fraction, the KD students: table rows."""
+    out.mkdir(parents=True, exist_ok=True)
     common = FinetuneConfig(
         model=VIT,
-        out=args.out,
+        out=out,
         model_kwargs=VIT_ARGS,
         lam=args.lam,
-        seed=args.seed,
+        seed=seed,
         lr=args.lr,
         slope_lr=args.slope_lr,
         progress=False,
     )
     run = partial(_finetune, reuse=args.reuse)
-    base_cfg = replace(common, out=args.out / "base", fractions=(0.0,), epochs=args.base_epochs, lr=1e-3)
+    base_cfg = replace(common, out=out / "base", fractions=(0.0,), epochs=args.base_epochs, lr=1e-3)
     base = run(base_cfg)
-    ckpt = args.out / "base" / "checkpoint.pt"
+    ckpt = out / "base" / "checkpoint.pt"
     rows = [{**_lc_row(f"base: from scratch, {args.base_epochs} epochs", base, None), "collapsed": "0/6"}]
 
-    reference = run(
-        replace(common, out=args.out / "ft-0", fractions=(0.0,), epochs=args.epochs, checkpoint=ckpt)
-    )
+    reference = run(replace(common, out=out / "ft-0", fractions=(0.0,), epochs=args.epochs, checkpoint=ckpt))
     ref_acc = reference["accuracy"]["after_collapse_torch"]
     rows.append(_lc_row(f"fine-tune, no collapse, {args.epochs} epochs", reference, ref_acc))
     for fraction in args.fractions:
         cfg = replace(
             common,
-            out=args.out / f"lc-{fraction}",
+            out=out / f"lc-{fraction}",
             fractions=(fraction,),
             epochs=args.epochs,
             checkpoint=ckpt,
@@ -128,13 +161,13 @@ def main() -> None:
     if not args.no_kd_long:
         kd_runs.append((args.fractions[-1], args.base_epochs + args.epochs))
     for fraction, epochs in kd_runs:
-        cache = args.out / f"kd-{fraction}-{epochs}.json"
+        cache = out / f"kd-{fraction}-{epochs}.json"
         if args.reuse and cache.exists():
             result = json.loads(cache.read_text())
         else:
-            torch.manual_seed(args.seed)
+            torch.manual_seed(seed)
             student = collapsed_student(build, fraction)
-            result = distill(student, teacher, splits, epochs=epochs, lr=args.lr, seed=args.seed)
+            result = distill(student, teacher, splits, epochs=epochs, lr=args.lr, seed=seed)
             cache.write_text(json.dumps(result) + "\n")
         rows.append(
             {
@@ -148,21 +181,29 @@ def main() -> None:
                 "seconds": result["seconds"],
             }
         )
-    table = _table(rows)
-    machine = {
-        "cpu": _cpu_name(),
-        "cores_visible": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "load_average_at_end": os.getloadavg(),
-        "total_seconds": time.perf_counter() - started,
-    }
-    results = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine, "rows": rows}
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "table.md").write_text(table)
-    print(table)
-    print(json.dumps(machine))
+    return rows
+
+
+def _summary(per_seed: dict[int, list[dict]]) -> str:
+    seeds = list(per_seed)
+    lines = [
+        "| run | MLP blocks collapsed | parameters | test acc. per seed ("
+        + ", ".join(map(str, seeds))
+        + ") | mean | mean Δ vs. no collapse | mean train wall time |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i, first in enumerate(per_seed[seeds[0]]):
+        rows = [per_seed[s][i] for s in seeds]
+        accs = [r["acc"] for r in rows]
+        deltas = [r["delta"] for r in rows if r["delta"] is not None]
+        delta = f"{sum(deltas) / len(deltas):+.2f} pt" if deltas else ""
+        lines.append(
+            f"| {first['run']} | {first['collapsed']} | {first['params']:,} | "
+            + " / ".join(f"{a:.2f}" for a in accs)
+            + f" % | {sum(accs) / len(accs):.2f} % | {delta} | "
+            f"{sum(r['seconds'] for r in rows) / len(rows):.0f} s |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _finetune(cfg: FinetuneConfig, reuse: bool) -> dict:
