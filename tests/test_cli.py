@@ -113,6 +113,27 @@ def test_bad_input_is_one_line_and_exit_2(mlp, capsys, args, message):
     assert files(mlp.parent) == ["mlp.onnx"] and mlp.read_bytes() == before
 
 
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ([], "lc-onnx: error: the following arguments are required: COMMAND"),
+        (["fuse"], "lc-onnx fuse: error: the following arguments are required: model"),
+        (["fuse", "m.onnx", "--bogus"], "lc-onnx fuse: error: unrecognized arguments: --bogus"),
+        (
+            ["fuse", "m.onnx", "--threshold", "abc"],
+            "lc-onnx fuse: error: argument --threshold: invalid float",
+        ),
+        (["nope"], "lc-onnx: error: argument COMMAND: invalid choice: 'nope'"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(capsys, args, message):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(message), err
+
+
 def test_no_traceback_reaches_the_terminal(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model at all")

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lc_onnx import files
+
 logger = logging.getLogger(__name__)
 
 OPSET = 18
@@ -67,10 +69,7 @@ def export_onnx(
                 # for a fixed architecture and would bury real warnings.
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 torch.onnx.export(model, inputs, tmp, dynamo=False, **kwargs)
-        # mkstemp creates the file 0600; give the export the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        files.make_public(tmp)
         os.replace(tmp, path)
     finally:
         model.train(was_training)

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from lc_onnx import files
 from lc_onnx.errors import UserError
 from lc_onnx.torch import collapsible, data, models
 from lc_onnx.torch.export import export_onnx
@@ -114,9 +115,8 @@ class Structure:
 def save_checkpoint(path: Path, model: nn.Module, structure: Structure, **extra: Any) -> None:
     """Atomically write the state dict, the structure and plain extras (ints, floats, strings, lists)."""
     payload = {"model": model.state_dict(), "structure": asdict(structure), **extra}
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with files.atomic_open(path, "wb") as f:
+        torch.save(payload, f)
 
 
 def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
@@ -481,9 +481,7 @@ def _finish(
         "fuse": fuse_report,
         "seconds": partial["train_seconds"],
     }
-    tmp = cfg.out / ".report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, cfg.out / "report.json")
+    files.write_text(cfg.out / "report.json", json.dumps(report, indent=2) + "\n")
     save_checkpoint(
         cfg.out / CHECKPOINT,
         raw,
