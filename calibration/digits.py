@@ -8,7 +8,9 @@ Use with `--data calibration/digits.py:FUNCTION`:
   digits` (the same preprocessing: pixels / 16, bilinear resize, mean 0.5 / std 0.5, 3 channels);
   `S` is `LC_ONNX_IMG_SIZE` (default 16).
 
-Both yield `LC_ONNX_CALIB_BATCHES` batches (default 8) of 32 digits, taken from the training part of the
+`accuracy` is a `--metric`: top-1 accuracy of a digits classifier on the 360 test digits.
+
+The feeds are `LC_ONNX_CALIB_BATCHES` batches (default 8) of 32 digits, taken from the training part of the
 fixed 80/20 split that `lc-onnx finetune` uses, so no test image is used for calibration.
 """
 
@@ -65,3 +67,24 @@ def images(size: int | None = None, input_name: str = "input") -> Iterator[dict[
         batch = resize(digits[i * BATCH : (i + 1) * BATCH], size, size)
         batch = (batch - 0.5) / 0.5
         yield {input_name: np.repeat(batch[:, None], 3, axis=1).astype(np.float32)}
+
+
+def _test_digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    _, test = train_test_split(range(len(data.target)), test_size=0.2, random_state=0, stratify=data.target)
+    test = np.asarray(test)
+    return data.images[test].astype(np.float64) / 16.0, data.target[test]
+
+
+def accuracy(run) -> float:
+    """A `--metric` for digits classifiers: top-1 accuracy on the 360 test digits (never used for fitting),
+    preprocessed as `images`; the model's first output holds the class scores."""
+    size = int(os.environ.get("LC_ONNX_IMG_SIZE", "16"))
+    digits, labels = _test_digits()
+    batch = (resize(digits, size, size) - 0.5) / 0.5
+    feed = {"input": np.repeat(batch[:, None], 3, axis=1).astype(np.float32)}
+    scores = next(iter(run(feed).values()))
+    return float(np.mean(np.argmax(scores, axis=1) == labels))
