@@ -8,12 +8,13 @@ Every OS failure becomes a one-line `UserError` naming the path.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from lc_onnx.errors import UserError
 
@@ -71,6 +72,18 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """The parsed JSON file at `path`; a missing or unreadable one is a one-line `UserError` that calls
+    it `what` ("fits file", "JSON report", ...)."""
+    p = Path(path)
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{p}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{p}: not a readable {what} ({exc})") from None
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

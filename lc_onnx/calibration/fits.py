@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from lc_onnx import files
 from lc_onnx.algebra import ChannelAffine
 from lc_onnx.calibration.stats import Statistics
 from lc_onnx.errors import UserError
@@ -119,12 +120,7 @@ def _ratio(num: float, den: float) -> float:
 def load(path: str | os.PathLike) -> Calibration:
     """Read a fits file; every problem with it is a one-line `UserError`."""
     p = Path(path)
-    try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{p}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{p}: not a readable fits file ({exc})") from None
+    data = files.read_json(p, "fits file")
     if (
         not isinstance(data, Mapping)
         or data.get("format") != FORMAT

@@ -14,7 +14,6 @@ ones; replacing a version or a differing config.pbtxt needs --force. Nothing is 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from lc_onnx.errors import UserError
@@ -44,12 +43,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _read_report(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: not a readable JSON report ({exc})") from None
+    from lc_onnx import files
+
+    data = files.read_json(path, "JSON report")
     if not isinstance(data, dict):
         raise UserError(f"{path}: a fuse report is a JSON object, found {type(data).__name__}")
     return data
