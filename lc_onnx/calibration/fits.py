@@ -84,8 +84,6 @@ class Calibration:
         }
 
     def save(self, path: str | os.PathLike) -> None:
-        from lc_onnx import files
-
         files.write_text(Path(path), json.dumps(self.to_dict(), indent=1) + "\n")
 
 
