@@ -106,13 +106,18 @@ def test_npz_with_pickled_objects_is_refused(tmp_path):
     assert not marker.exists()
 
 
+def _pointing_at(name: str, size: int, location: str) -> TensorProto:
+    """A float tensor of `size` elements whose data is said to be in the external file `location`."""
+    t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=[size])
+    t.data_location = TensorProto.EXTERNAL
+    t.external_data.add(key="location", value=location)
+    return t
+
+
 def _escaping_constant() -> onnx.ModelProto:
     """A Constant node whose value tensor points at `../secret`."""
     m = mlp()
-    t = helper.make_tensor("c", TensorProto.FLOAT, [4], np.zeros(4, np.float32))
-    t.ClearField("float_data")
-    t.data_location = TensorProto.EXTERNAL
-    t.external_data.add(key="location", value="../secret")
+    t = _pointing_at("c", 4, "../secret")
     m.graph.node.insert(0, helper.make_node("Constant", [], ["c"], value=t))
     m.graph.node[1].input[0] = "xc"
     m.graph.node.insert(1, helper.make_node("Add", ["x", "c"], ["xc"]))
@@ -122,10 +127,7 @@ def _escaping_constant() -> onnx.ModelProto:
 def _escaping_subgraph() -> onnx.ModelProto:
     """An If branch with an initializer at `/etc/passwd`."""
     m = mlp()
-    t = helper.make_tensor("k", TensorProto.FLOAT, [4], np.zeros(4, np.float32))
-    t.ClearField("float_data")
-    t.data_location = TensorProto.EXTERNAL
-    t.external_data.add(key="location", value="/etc/passwd")
+    t = _pointing_at("k", 4, "/etc/passwd")
     branch = helper.make_graph(
         [helper.make_node("Add", ["y0", "k"], ["z"])], "b", [],
         [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], [t],
@@ -139,10 +141,7 @@ def _escaping_subgraph() -> onnx.ModelProto:
 def _escaping_sparse() -> onnx.ModelProto:
     """A sparse initializer whose values point at `../secret`."""
     m = mlp()
-    values = helper.make_tensor("s", TensorProto.FLOAT, [1], np.zeros(1, np.float32))
-    values.ClearField("float_data")
-    values.data_location = TensorProto.EXTERNAL
-    values.external_data.add(key="location", value="../secret")
+    values = _pointing_at("s", 1, "../secret")
     indices = helper.make_tensor("s.idx", TensorProto.INT64, [1], np.zeros(1, np.int64))
     m.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, [4]))
     m.graph.node[-1].output[0] = "y0"
