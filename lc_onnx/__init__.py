@@ -1,8 +1,8 @@
 """lc-onnx: LayerCollapse for ONNX graphs.
 
 `fuse` collapses Linear -> (near-)linear activation -> Linear into one linear layer and verifies the
-result in onnxruntime. The PyTorch half lives in `lc_onnx.torch` (imported on demand, needs the `torch`
-extra).
+result in onnxruntime; `calibrate` measures how linear each activation is on data. The PyTorch half
+lives in `lc_onnx.torch` (imported on demand, needs the `torch` extra).
 """
 
 from __future__ import annotations
@@ -16,12 +16,8 @@ __all__ = ["FuseResult", "UserError", "VerificationError", "__version__", "calib
 
 def __getattr__(name: str):
     # Lazy: `import lc_onnx.torch` or `lc-onnx --help` should not pay for onnx-graphsurgeon.
-    if name in ("fuse", "FuseResult"):
-        from lc_onnx import pipeline
+    if name in ("fuse", "FuseResult", "calibrate"):
+        from lc_onnx import api
 
-        return getattr(pipeline, name)
-    if name == "calibrate":
-        from lc_onnx.calibration import calibrate
-
-        return calibrate
+        return getattr(api, name)
     raise AttributeError(f"module 'lc_onnx' has no attribute {name!r}")

@@ -1,9 +1,10 @@
-"""Multi-node activation patterns that exporters write instead of one op (matched read-only).
+"""Activations between linear layers: multi-node patterns exporters write instead of one op, and the
+`com.microsoft` activations onnxruntime's optimizer writes (matched read-only).
 
-`match(node, tensor, graph_outputs)` is called for each consumer `node` of the tensor `tensor` that sits
-between two linear layers; it returns `(nodes, output, name)` when `node` belongs to an element-wise
-function of `tensor` written as several nodes, where every node's outputs except `output` are used only
-inside the pattern. Such steps are non-linear: they collapse only with a calibration fit.
+`match(node, tensor, graph_outputs, constants)` is called for each consumer `node` of the tensor `tensor`
+that sits between two linear layers; it returns `(nodes, output, name)` when `node` belongs to an
+element-wise function of `tensor` written as several nodes, where every node's outputs except `output`
+are used only inside the pattern. Such steps are non-linear: they collapse only with a calibration fit.
 
 Pattern: the largest *element-wise region* of `tensor`, grown from its consumers: nodes of
 `ELEMENTWISE_OPS` whose inputs are `tensor`, outputs of region nodes, or constants that are one value or
@@ -14,11 +15,13 @@ all calibration needs. This covers what the torch exporters write (checked by th
 
 - GELU (opsets below 20, both exporters): `0.5 · x · (1 + erf(x / √2))` as Div, Erf, Add, Mul, Mul;
 - GELU with `approximate="tanh"`: Pow (or Mul·Mul), Mul, Add, Mul, Tanh, Add, Mul, Mul;
-- SiLU / Swish: `x · sigmoid(x)` (Sigmoid, Mul), `x · sigmoid(β·x)` (Mul, Sigmoid, Mul);
+- SiLU / Swish: `x · sigmoid(x)` (Sigmoid, Mul), `x · sigmoid(β·x)` (Mul, Sigmoid, Mul), and
+  transformers' quick GELU `x · sigmoid(1.702·x)`;
 - Mish (TorchScript): Softplus, Tanh, Mul; a hand-written HardSwish `x · HardSigmoid(x)`.
 
-The name is the function the region computes, recognised by evaluating it on a grid of values
-(`Gelu`, `GeluTanh`, `Silu`, `Mish`, `HardSwish`), else `Swish` (a sigmoid gate) or `Elementwise`.
+The name is the function the region computes, recognised by evaluating it with `onnx.reference` on a
+grid of values (`Gelu`, `GeluTanh`, `QuickGelu`, `Silu`, `Mish`, `HardSwish`), else `Swish` (a sigmoid
+gate) or `Elementwise`. `CONTRIB_OPS` are onnxruntime's `com.microsoft` activations for that evaluator.
 """
 
 from __future__ import annotations
@@ -26,8 +29,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
+from onnx.reference.op_run import OpRun
 
+from lc_onnx.constants import Constants
+
+MS_DOMAIN = "com.microsoft"
 ELEMENTWISE_OPS = frozenset(
     {
         "Add", "Sub", "Mul", "Div", "Pow", "Neg", "Abs", "Sqrt", "Reciprocal", "Exp", "Erf", "Tanh",
@@ -39,11 +47,69 @@ _NONLINEAR = ELEMENTWISE_OPS - {"Add", "Sub", "Mul", "Div", "Neg"}
 MAX_NODES = 32
 
 
+def _erf(t: np.ndarray) -> np.ndarray:
+    return np.vectorize(math.erf, otypes=[np.float64])(t)
+
+
+def _gelu(t):
+    return 0.5 * t * (1.0 + _erf(np.asarray(t, np.float64) / math.sqrt(2.0)))
+
+
+def _gelu_tanh(t):
+    return 0.5 * t * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (t + 0.044715 * t**3)))
+
+
+def _sigmoid(t):
+    return 1.0 / (1.0 + np.exp(-t))
+
+
+class _ContribOp(OpRun):
+    op_domain = MS_DOMAIN
+
+    def _out(self, x: np.ndarray, value: np.ndarray) -> tuple[np.ndarray]:
+        return (np.asarray(value, dtype=x.dtype),)
+
+
+class Gelu(_ContribOp):
+    """`com.microsoft::Gelu(X)`: the exact (erf) GELU."""
+
+    def _run(self, x):
+        return self._out(x, _gelu(x))
+
+
+class BiasGelu(_ContribOp):
+    """`com.microsoft::BiasGelu(A, B)`: `Gelu(A + B)`, B a bias over the last axis (fc1's bias)."""
+
+    def _run(self, a, b):
+        return self._out(a, _gelu(a + b))
+
+
+class FastGelu(_ContribOp):
+    """`com.microsoft::FastGelu(X, bias?)`: the tanh GELU of `X + bias`."""
+
+    def _run(self, x, bias=None):
+        return self._out(x, _gelu_tanh(x if bias is None else x + bias))
+
+
+class QuickGelu(_ContribOp):
+    """`com.microsoft::QuickGelu(X, alpha=1.702)`: `X · sigmoid(alpha · X)`."""
+
+    def _run(self, x, alpha=None):
+        alpha = 1.702 if alpha is None else alpha
+        return self._out(x, x * _sigmoid(alpha * x))
+
+
+CONTRIB_OPS = (Gelu, BiasGelu, FastGelu, QuickGelu)
+# Single-node com.microsoft activations a site may have (input 0 is the hidden tensor; BiasGelu's and
+# FastGelu's second input is a constant bias): non-linear, collapsible with a calibration fit.
+CONTRIB_ACTIVATIONS = frozenset(op.__name__ for op in CONTRIB_OPS)
+
+
 def match(
-    node: gs.Node, tensor: gs.Tensor, graph_outputs: set[str]
+    node: gs.Node, tensor: gs.Tensor, graph_outputs: set[str], constants: Constants
 ) -> tuple[list[gs.Node], gs.Tensor, str] | None:
     """The activation pattern through `node` applied to `tensor`, or None."""
-    nodes = _region(tensor)
+    nodes = _region(tensor, constants)
     if not nodes or all(n is not node for n in nodes):
         return None
     members = {id(n) for n in nodes}
@@ -53,13 +119,13 @@ def match(
         for out in n.outputs
         if out.name in graph_outputs or any(id(c) not in members for c in out.outputs)
     }
-    if len(exits) != 1 or not _is_nonlinear(nodes, tensor):
+    if len(exits) != 1 or not _is_nonlinear(nodes, constants):
         return None
     output = next(iter(exits.values()))
-    return nodes, output, _name(nodes, tensor, output)
+    return nodes, output, _name(nodes, tensor, output, constants)
 
 
-def _region(x: gs.Tensor) -> list[gs.Node]:
+def _region(x: gs.Tensor, constants: Constants) -> list[gs.Node]:
     """Element-wise nodes computing functions of `x` only, in a topological order found from `x`."""
     nodes: list[gs.Node] = []
     produced = {x.name}
@@ -68,7 +134,7 @@ def _region(x: gs.Tensor) -> list[gs.Node]:
         grown = False
         for tensor in list(frontier):
             for consumer in tensor.outputs:
-                if any(consumer is n for n in nodes) or not _joins(consumer, produced):
+                if any(consumer is n for n in nodes) or not _joins(consumer, produced, constants):
                     continue
                 nodes.append(consumer)
                 produced.update(out.name for out in consumer.outputs)
@@ -79,52 +145,36 @@ def _region(x: gs.Tensor) -> list[gs.Node]:
     return nodes
 
 
-def _joins(node: gs.Node, produced: set[str]) -> bool:
-    if node.op not in ELEMENTWISE_OPS or len(node.outputs) != 1:
+def _joins(node: gs.Node, produced: set[str], constants: Constants) -> bool:
+    if node.op not in ELEMENTWISE_OPS or (node.domain or "") not in ("", "ai.onnx") or len(node.outputs) != 1:
         return False
     inputs = [t for t in node.inputs if t.name]
     return any(t.name in produced for t in inputs) and all(
-        t.name in produced or _channel_constant(t) is not None for t in inputs
+        t.name in produced or channel_constant(t, constants) is not None for t in inputs
     )
 
 
-def _channel_constant(tensor: gs.Tensor) -> np.ndarray | None:
-    """The value of a small constant (an initializer or a `Constant` output) that is one value or one value
-    per channel of the last axis; None otherwise."""
-    value = None
-    if isinstance(tensor, gs.Constant):
-        value = np.asarray(tensor.values)
-    elif len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
-        attrs = tensor.inputs[0].attrs
-        if isinstance(attrs.get("value"), gs.Constant):
-            value = np.asarray(attrs["value"].values)
-        elif "value_float" in attrs:
-            value = np.asarray(attrs["value_float"], dtype=np.float32)
+def channel_constant(tensor: gs.Tensor, constants: Constants) -> np.ndarray | None:
+    """The value of a constant that is one value or one value per channel of the last axis, else None."""
+    value = constants.value(tensor)
     if value is None or not all(d == 1 for d in value.shape[:-1]):
         return None
     return value
 
 
-def _is_nonlinear(nodes: list[gs.Node], x: gs.Tensor) -> bool:
+def _is_nonlinear(nodes: list[gs.Node], constants: Constants) -> bool:
     for node in nodes:
         if node.op in _NONLINEAR:
             return True
-        if node.op in ("Mul", "Div") and all(_channel_constant(t) is None for t in node.inputs):
+        if node.op in ("Mul", "Div") and all(channel_constant(t, constants) is None for t in node.inputs):
             return True  # a product of two functions of x
     return False
 
 
-def _gelu(t):
-    return 0.5 * t * (1.0 + np.vectorize(math.erf)(t / math.sqrt(2.0)))
-
-
-def _sigmoid(t):
-    return 1.0 / (1.0 + np.exp(-t))
-
-
 _KNOWN = {
     "Gelu": _gelu,
-    "GeluTanh": lambda t: 0.5 * t * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (t + 0.044715 * t**3))),
+    "GeluTanh": _gelu_tanh,
+    "QuickGelu": lambda t: t * _sigmoid(1.702 * t),
     "Silu": lambda t: t * _sigmoid(t),
     "Mish": lambda t: t * np.tanh(np.log1p(np.exp(t))),
     "HardSwish": lambda t: t * np.clip(t / 6.0 + 0.5, 0.0, 1.0),
@@ -132,62 +182,48 @@ _KNOWN = {
 _GRID = np.linspace(-6.0, 6.0, 97)
 
 
-def _name(nodes: list[gs.Node], x: gs.Tensor, output: gs.Tensor) -> str:
-    try:
-        with np.errstate(all="ignore"):
-            values = _evaluate(nodes, x, output, _GRID)
-    except (KeyError, ValueError, TypeError):
-        values = None
+def _name(nodes: list[gs.Node], x: gs.Tensor, output: gs.Tensor, constants: Constants) -> str:
+    values = evaluate(nodes, x, output, constants, _GRID)
     if values is not None and values.shape == _GRID.shape:
-        for name, fn in _KNOWN.items():
-            if np.allclose(values, fn(_GRID), rtol=1e-4, atol=1e-4):
-                return name
+        with np.errstate(all="ignore"):
+            for name, fn in _KNOWN.items():
+                if np.allclose(values, fn(_GRID), rtol=1e-4, atol=1e-4):
+                    return name
     ops = {n.op for n in nodes}
     return "Swish" if {"Sigmoid", "Mul"} <= ops else "Elementwise"
 
 
-def _evaluate(nodes: list[gs.Node], x: gs.Tensor, output: gs.Tensor, grid: np.ndarray) -> np.ndarray | None:
-    """The region's output on `grid` (float64), when every constant is one value; None otherwise."""
-    env = {x.name: grid}
+def evaluate(
+    nodes: list[gs.Node], x: gs.Tensor, output: gs.Tensor, constants: Constants, grid: np.ndarray
+) -> np.ndarray | None:
+    """The region's output on the 1-D `grid` (float32 arithmetic), by `onnx.reference`; None when a
+    constant is per channel (the region is then not one function of a scalar) or evaluation fails."""
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+    produced = {x.name} | {out.name for n in nodes for out in n.outputs}
+    initializers = {}
     for node in nodes:
-        args = []
         for t in node.inputs:
-            if not t.name:
-                args.append(None)
-            elif t.name in env:
-                args.append(env[t.name])
-            else:
-                value = _channel_constant(t)
-                if value.size != 1:
+            if t.name and t.name not in produced and t.name not in initializers:
+                value = constants.value(t)
+                if value is None or value.size != 1:
                     return None
-                args.append(float(value.reshape(())))
-        env[node.outputs[0].name] = np.asarray(_OPS[node.op](node.attrs, *args), dtype=np.float64)
-    return env[output.name]
+                initializers[t.name] = onnx.numpy_helper.from_array(np.asarray(value), t.name)
+    graph = onnx.helper.make_graph(
+        [OnnxExporter.export_node(n) for n in nodes],
+        "activation",
+        [onnx.helper.make_tensor_value_info(x.name, onnx.TensorProto.FLOAT, [grid.size])],
+        [onnx.helper.make_tensor_value_info(output.name, onnx.TensorProto.FLOAT, None)],
+        list(initializers.values()),
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", constants.opset)])
+    from onnx.reference import ReferenceEvaluator
 
-
-def _clip(attrs, t, lo=None, hi=None):
-    lo = attrs.get("min", -np.inf) if lo is None else lo
-    hi = attrs.get("max", np.inf) if hi is None else hi
-    return np.clip(t, lo, hi)
-
-
-_OPS = {
-    "Add": lambda _, a, b: a + b,
-    "Sub": lambda _, a, b: a - b,
-    "Mul": lambda _, a, b: a * b,
-    "Div": lambda _, a, b: a / b,
-    "Pow": lambda _, a, b: np.power(a, b),
-    "Neg": lambda _, a: -a,
-    "Abs": lambda _, a: np.abs(a),
-    "Sqrt": lambda _, a: np.sqrt(np.abs(a)),
-    "Reciprocal": lambda _, a: 1.0 / a,
-    "Exp": lambda _, a: np.exp(a),
-    "Erf": lambda _, a: np.vectorize(math.erf)(a),
-    "Tanh": lambda _, a: np.tanh(a),
-    "Sigmoid": lambda _, a: _sigmoid(a),
-    "Softplus": lambda _, a: np.log1p(np.exp(a)),
-    "HardSigmoid": lambda at, a: np.clip(at.get("alpha", 0.2) * a + at.get("beta", 0.5), 0.0, 1.0),
-    "HardSwish": lambda _, a: a * np.clip(a / 6.0 + 0.5, 0.0, 1.0),
-    "Relu": lambda _, a: np.maximum(a, 0.0),
-    "Clip": _clip,
-}
+    try:
+        with np.errstate(all="ignore"):
+            (result,) = ReferenceEvaluator(model, new_ops=list(CONTRIB_OPS)).run(
+                None, {x.name: grid.astype(np.float32)}
+            )
+    except Exception:  # an op the evaluator does not know, or mismatched constant types: unnamed
+        return None
+    return np.asarray(result, dtype=np.float64)

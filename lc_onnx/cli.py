@@ -1,7 +1,9 @@
 """The `lc-onnx` command line.
 
 Each subcommand lives in its own module under `lc_onnx.commands`, which defines `add_arguments(parser)`
-and `run(args) -> int`; the module docstring is the subcommand's `--help`. Modules import their heavy
+and `run(args) -> int`; the module docstring is the subcommand's `--help`. The library's errors name
+parameters (`max_batch_size`); here they are spelled as the flags that set them (`--max-batch-size`):
+a module may map parameters to flags in `FLAGS` where the spelling is not the plain one. Modules import their heavy
 dependencies (onnxruntime, torch) inside `run`, so `lc-onnx --help` stays fast and the graph side works
 without torch.
 """
@@ -12,7 +14,7 @@ import argparse
 import importlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from lc_onnx.errors import UserError
 
@@ -65,8 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(p)
-        p.set_defaults(_run=module.run, _parser=p)
+        p.set_defaults(_run=module.run, _parser=p, _flags=getattr(module, "FLAGS", {}))
     return parser
+
+
+def flag_names(params: Sequence[str], flags: Mapping[str, str]) -> dict[str, str]:
+    """How the command line spells each parameter: `flags[p]`, else `--p-with-dashes`."""
+    return {p: flags.get(p, "--" + p.replace("_", "-")) for p in params}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -80,7 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except UserError as exc:
-        print(f"lc-onnx {args.command}: error: {exc}", file=sys.stderr)
+        print(
+            f"lc-onnx {args.command}: error: {exc.render(flag_names(exc.params, args._flags))}",
+            file=sys.stderr,
+        )
         return exc.exit_code
     except KeyboardInterrupt:
         print("lc-onnx: interrupted", file=sys.stderr)

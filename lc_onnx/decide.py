@@ -21,7 +21,9 @@ import numpy as np
 
 from lc_onnx import algebra
 from lc_onnx.algebra import Affine, ChannelAffine
-from lc_onnx.sites import Constants, Linear, Site, rank_of
+from lc_onnx.constants import Constants
+from lc_onnx.reasons import Kind, Reason
+from lc_onnx.sites import Linear, Site, rank_of
 
 
 @dataclass(frozen=True)
@@ -49,9 +51,19 @@ class Collapse:
     chain: tuple[Linear, ...]
     heads: tuple[Head, ...]
     sites: tuple[Site, ...]
-    exact: bool
+    kind: Kind  # EXACT, NEAR_LINEAR or FITTED
     params_before: int
     params_after: int
+
+    @property
+    def exact(self) -> bool:
+        return self.kind is Kind.EXACT
+
+    @property
+    def reason(self) -> Reason:
+        heads = ", ".join(h.layer.name for h in self.heads)
+        spelled = "exact" if self.kind is Kind.EXACT else "near-linear"
+        return Reason(self.kind, f"{spelled} collapse into {len(self.heads)} layer(s) ending at {heads}")
 
     @property
     def activation(self) -> str:
@@ -67,58 +79,77 @@ class Collapse:
 @dataclass(frozen=True)
 class Skip:
     site: Site
-    reason: str
+    reason: Reason
     params: int
+
+
+class Refusal(Exception):
+    """A site's activation cannot be written as one affine map; `reason` says why."""
+
+    def __init__(self, kind: Kind, message: str) -> None:
+        super().__init__(message)
+        self.reason = Reason(kind, message)
 
 
 @dataclass(frozen=True)
 class _Ready:
     site: Site
     act: ChannelAffine
-    exact: bool
+    kind: Kind
 
 
-def activation_affine(site: Site, constants: Constants, options: Options) -> tuple[ChannelAffine, bool] | str:
-    """The site's activation as one `a ⊙ h + c` and whether it is exact, or the reason it is not linear."""
+def activation_affine(site: Site, constants: Constants, options: Options) -> tuple[ChannelAffine, Kind]:
+    """The site's activation as one `a ⊙ h + c` and how it was obtained (EXACT, NEAR_LINEAR: slopes
+    taken as 1, FITTED: calibration fits).
+
+    Raises:
+        Refusal: the activation is not linear (enough), or does not line up with the layers.
+    """
     d_h = site.producer.shape(constants)[1]
     for consumer in site.consumers:
         if consumer.shape(constants)[0] != d_h:
-            return f"{consumer.name} expects {consumer.shape(constants)[0]} features, {site.producer.name} gives {d_h}"
+            raise Refusal(
+                Kind.SHAPE,
+                f"{consumer.name} expects {consumer.shape(constants)[0]} features, {site.producer.name} gives {d_h}",
+            )
     fits = options.fits or {}
     parts: list[ChannelAffine] = []
-    exact = True
+    kind = Kind.EXACT
     for step in site.steps:
         if step.key in fits:
             parts.append(algebra.channel_affine(fits[step.key].scale, fits[step.key].shift, d_h))
-            exact = False
+            kind = Kind.FITTED
         elif step.kind == "identity":
             parts.append(ChannelAffine.identity(d_h))
         elif step.kind == "slope":
             slopes = step.slopes(constants)
             worst = float(np.max(np.abs(slopes - 1.0))) if slopes.size else 0.0
             if worst > options.threshold:
-                return (
+                raise Refusal(
+                    Kind.NOT_LINEAR,
                     f"{step.op} {step.key}: slopes {slopes.min():.4g}..{slopes.max():.4g} are not within "
-                    f"{options.threshold:g} of 1"
+                    f"{options.threshold:g} of 1",
                 )
             parts.append(ChannelAffine.identity(d_h))
-            exact = exact and worst == 0.0
+            if worst != 0.0 and kind is Kind.EXACT:
+                kind = Kind.NEAR_LINEAR
         elif step.kind == "batchnorm":
             rank = 2 if site.producer.is_gemm else rank_of(site.producer.input)
             if rank != 2:
-                return (
+                raise Refusal(
+                    Kind.UNSUPPORTED,
                     f"BatchNormalization {step.key} normalises axis 1 of a rank-{rank or '?'} tensor, "
-                    "not the feature axis"
+                    "not the feature axis",
                 )
             scale, bias, mean, var = (constants.value(t) for t in step.node.inputs[1:5])
             try:
                 bn = algebra.batchnorm(scale, bias, mean, var, step.node.attrs.get("epsilon", 1e-5))
                 parts.append(algebra.channel_affine(bn.scale, bn.shift, d_h))
             except ValueError as exc:
-                return f"BatchNormalization {step.key}: {exc}"
+                raise Refusal(Kind.SHAPE, f"BatchNormalization {step.key}: {exc}") from None
         else:
-            return f"{step.op} {step.key} is not linear"
-    return (algebra.compose_steps(parts) if parts else ChannelAffine.identity(d_h)), exact
+            raise Refusal(Kind.NOT_LINEAR, f"{step.op} {step.key} is not linear")
+    return (algebra.compose_steps(parts) if parts else ChannelAffine.identity(d_h)), kind
 
 
 def decide(sites: Sequence[Site], constants: Constants, options: Options) -> list[Collapse | Skip]:
@@ -129,11 +160,10 @@ def decide(sites: Sequence[Site], constants: Constants, options: Options) -> lis
         if site.problems:
             decisions.append(Skip(site, site.problems[0], _site_params(site, constants)))
             continue
-        outcome = activation_affine(site, constants, options)
-        if isinstance(outcome, str):
-            decisions.append(Skip(site, outcome, _site_params(site, constants)))
-        else:
-            ready.append(_Ready(site, *outcome))
+        try:
+            ready.append(_Ready(site, *activation_affine(site, constants, options)))
+        except Refusal as refusal:
+            decisions.append(Skip(site, refusal.reason, _site_params(site, constants)))
 
     taken: set[int] = set()
     for chain in _chains([r for r in ready if len(r.site.consumers) == 1]):
@@ -209,12 +239,16 @@ def _decide_chain(
 def _growth_skip(item: _Ready, dims: list[int], m: int, constants: Constants) -> Skip:
     d_in, d_h, d_out = dims[m], dims[m + 1], dims[m + 2]
     if d_in * d_out >= d_h * (d_in + d_out):
-        reason = (
+        reason = Reason(
+            Kind.PARAMETER_GROWTH,
             f"collapsing would not reduce parameters: d_in·d_out = {d_in}·{d_out} = {d_in * d_out} >= "
-            f"d_h·(d_in+d_out) = {d_h}·{d_in + d_out} = {d_h * (d_in + d_out)} (allow_growth forces it)"
+            f"d_h·(d_in+d_out) = {d_h}·{d_in + d_out} = {d_h * (d_in + d_out)} (allow_growth forces it)",
         )
     else:
-        reason = "kept as a boundary: collapsing the neighbouring layers of the chain saves more parameters"
+        reason = Reason(
+            Kind.BOUNDARY,
+            "kept as a boundary: collapsing the neighbouring layers of the chain saves more parameters",
+        )
     return Skip(item.site, reason, _site_params(item.site, constants))
 
 
@@ -230,7 +264,10 @@ def _decide_fanout(
     if after >= before and not options.allow_growth:
         return Skip(
             site,
-            f"collapsing the {len(outs)} heads would not reduce parameters: {after} weights >= {before}",
+            Reason(
+                Kind.PARAMETER_GROWTH,
+                f"collapsing the {len(outs)} heads would not reduce parameters: {after} weights >= {before}",
+            ),
             _site_params(site, constants),
         )
     if any(id(layer.nodes[0]) in taken for layer in layers):
@@ -255,8 +292,11 @@ def _params_skip(site: Site, collapse: Collapse, constants: Constants) -> Skip:
     """The weights would shrink, but not the parameters once biases, slopes and BatchNorm are counted."""
     return Skip(
         site,
-        f"collapsing would not reduce parameters: {collapse.params_before} -> {collapse.params_after} with "
-        "biases (a bias the layers did not have is needed; allow_growth forces it)",
+        Reason(
+            Kind.PARAMETER_GROWTH,
+            f"collapsing would not reduce parameters: {collapse.params_before} -> {collapse.params_after} "
+            "with biases (a bias the layers did not have is needed; allow_growth forces it)",
+        ),
         _site_params(site, constants),
     )
 
@@ -272,7 +312,15 @@ def _collapse(
     # Consecutive sites share their middle layer: count it once.
     before -= sum(r.site.producer.param_count(constants) for r in items[1:])
     after = sum(h.result.d_in * h.result.d_out + (h.result.d_out if h.with_bias else 0) for h in heads)
-    return Collapse(chain, heads, tuple(r.site for r in items), all(r.exact for r in items), before, after)
+    return Collapse(
+        chain, heads, tuple(r.site for r in items), _combined(r.kind for r in items), before, after
+    )
+
+
+def _combined(kinds) -> Kind:
+    """The kind of a collapse of several sites: FITTED over NEAR_LINEAR over EXACT."""
+    kinds = set(kinds)
+    return next(k for k in (Kind.FITTED, Kind.NEAR_LINEAR, Kind.EXACT) if k in kinds or k is Kind.EXACT)
 
 
 def _site_params(site: Site, constants: Constants) -> int:

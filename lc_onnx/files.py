@@ -52,17 +52,19 @@ def writable_parent(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
-    """Open a temporary file beside `path` for writing; it replaces `path` only if the block succeeds."""
-    if mode not in ("w", "wb"):
-        raise ValueError(f"atomic_open writes ('w' or 'wb'), got mode {mode!r}")
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside `path` for a writer that wants a file name (an exporter, a serializer);
+    it replaces `path`, with the permissions a plain `open()` gives, only if the block succeeds.
+
+    This is the one atomic writer: `atomic_open`, `write_text` and model saving build on it.
+    """
     out = Path(path)
     parent = writable_parent(out)
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
-        with os.fdopen(fd, mode) as f:
-            yield f
+        os.close(fd)
+        yield Path(tmp)
         make_public(tmp)
         os.replace(tmp, out)
         tmp = None
@@ -72,6 +74,15 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """Open a temporary file beside `path` for writing; it replaces `path` only if the block succeeds."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open writes ('w' or 'wb'), got mode {mode!r}")
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f
 
 
 def read_json(path: str | os.PathLike, what: str) -> Any:

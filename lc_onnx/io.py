@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ import onnx
 from onnx import numpy_helper
 
 from lc_onnx import files, wire
-from lc_onnx.errors import UserError
+from lc_onnx.errors import UserError, one_line
 
 # Tensors at least this large go to the external data file when a model is saved with external data.
 EXTERNAL_MIN_BYTES = 1024
@@ -84,7 +83,7 @@ def load(path: str | os.PathLike) -> LoadedModel:
         raise UserError(f"{p}: cannot read ({exc.strerror})") from None
     except Exception as exc:  # wire.WireError, protobuf's DecodeError
         raise UserError(
-            f"{p}: not a readable ONNX model ({type(exc).__name__}: {_first_line(exc)})"
+            f"{p}: not a readable ONNX model ({type(exc).__name__}: {one_line(exc, 200)})"
         ) from None
     if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
         raise UserError(f"{p}: not an ONNX model (no graph found)")
@@ -113,6 +112,13 @@ def from_proto(model: onnx.ModelProto, base_dir: str | os.PathLike | None = None
                 )
             external_path(tensor, loaded.base_dir)
     return loaded
+
+
+def as_loaded(model: str | os.PathLike | onnx.ModelProto | LoadedModel) -> LoadedModel:
+    """`model` as a `LoadedModel`: a path is loaded (weights left on disk), a proto wrapped as it is."""
+    if isinstance(model, LoadedModel):
+        return model
+    return from_proto(model) if isinstance(model, onnx.ModelProto) else load(model)
 
 
 def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
@@ -149,28 +155,25 @@ def _is_external(tensor: onnx.TensorProto) -> bool:
 def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` without large tensor data: dims and types only (for shape inference and counting).
 
-    Main-graph initializers of at least `EXTERNAL_MIN_BYTES` become empty stubs marked as external data
-    (shape inference reads only their dims); small ones, such as shape constants, keep their values.
+    Main-graph initializers and `Constant` values of at least `EXTERNAL_MIN_BYTES` (or already external)
+    become empty stubs marked as external data (shape inference reads only their dims); small ones, such
+    as shape constants, keep their values. This is the one data-free copy lc-onnx makes.
     """
     out = onnx.ModelProto()
     graph = model.graph
-    big = [t for t in graph.initializer if _is_external(t) or len(t.raw_data) >= EXTERNAL_MIN_BYTES]
-    if not big:
+    big = {t.name for t in graph.initializer if _is_big(t)}
+    constants = [i for i, node in enumerate(graph.node) if _big_constant_value(node) is not None]
+    if not big and not constants:
         out.CopyFrom(model)
         return out
     keep = onnx.GraphProto()
-    for name in ("node", "input", "output", "value_info", "sparse_initializer", "quantization_annotation"):
+    for name in ("input", "output", "value_info", "sparse_initializer", "quantization_annotation"):
         getattr(keep, name).extend(getattr(graph, name))
     keep.name, keep.doc_string = graph.name, graph.doc_string
-    big_names = {t.name for t in big}
-    keep.initializer.extend(t for t in graph.initializer if t.name not in big_names)
-    for t in big:
-        stub = keep.initializer.add()
-        stub.name, stub.data_type = t.name, t.data_type
-        stub.dims.extend(t.dims)
-        stub.data_location = onnx.TensorProto.EXTERNAL
-        entry = stub.external_data.add()
-        entry.key, entry.value = "location", "stripped-by-lc-onnx"
+    keep.initializer.extend(_stub(t) if t.name in big else t for t in graph.initializer)
+    keep.node.extend(graph.node)
+    for i in constants:
+        _big_constant_value(keep.node[i]).CopyFrom(_stub(_big_constant_value(graph.node[i])))
     for descriptor, value in model.ListFields():
         if descriptor.name == "graph":
             continue
@@ -182,6 +185,27 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
             setattr(out, descriptor.name, value)
     out.graph.CopyFrom(keep)
     return out
+
+
+def _is_big(tensor: onnx.TensorProto) -> bool:
+    return _is_external(tensor) or len(tensor.raw_data) >= EXTERNAL_MIN_BYTES
+
+
+def _big_constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+        return None
+    for attr in node.attribute:
+        if attr.name == "value" and attr.HasField("t") and _is_big(attr.t):
+            return attr.t
+    return None
+
+
+def _stub(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    stub = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+    stub.data_location = onnx.TensorProto.EXTERNAL
+    entry = stub.external_data.add()
+    entry.key, entry.value = "location", "stripped-by-lc-onnx"
+    return stub
 
 
 def _external_info(tensor: onnx.TensorProto) -> dict[str, str]:
@@ -251,7 +275,7 @@ def read_tensor(tensor: onnx.TensorProto, base_dir: Path | None) -> np.ndarray:
         return np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<"), count=count).reshape(shape)
     except (ValueError, TypeError, KeyError) as exc:  # data of the wrong size for its dims, unknown dtype
         raise UserError(
-            f"tensor {tensor.name!r}: data does not match its type and shape ({_first_line(exc)})"
+            f"tensor {tensor.name!r}: data does not match its type and shape ({one_line(exc, 200)})"
         ) from None
 
 
@@ -266,7 +290,7 @@ def _dense(sparse: onnx.SparseTensorProto, base_dir: Path | None) -> np.ndarray:
         dense[flat] = values.reshape(-1)
     except (ValueError, IndexError) as exc:
         raise UserError(
-            f"sparse tensor {sparse.values.name!r}: indices do not fit its shape ({_first_line(exc)})"
+            f"sparse tensor {sparse.values.name!r}: indices do not fit its shape ({one_line(exc, 200)})"
         ) from None
     return dense.reshape(dims)
 
@@ -299,34 +323,21 @@ def save(loaded: LoadedModel, path: str | os.PathLike, *, external: bool | None 
         external = loaded.source_external or _data_bytes(loaded.proto) > PROTO_LIMIT_BYTES
     model = loaded.proto
     data_name = data_file_name(out)
-    tmp_model = tmp_data = None
-    try:
-        fd, tmp_model = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
-        os.close(fd)
+    # The data file is published first and only once the model serialized: a failure leaves neither.
+    with files.atomic_path(parent / data_name) if external else contextlib.nullcontext() as tmp_data:
         if external:
-            fd, tmp_data = tempfile.mkstemp(prefix=f".{data_name}.", suffix=".tmp", dir=parent)
-            with os.fdopen(fd, "wb") as data:
-                _write_external(model, loaded.base_dir, data, data_name)
+            try:
+                with open(tmp_data, "wb") as data:
+                    _write_external(model, loaded.base_dir, data, data_name)
+            except OSError as exc:
+                raise UserError(f"{out}: cannot write ({exc.strerror or exc})") from None
         elif loaded.has_external_data:
             for tensor in iter_tensors(model):
                 if _is_external(tensor):
                     _inline(tensor, loaded.base_dir)
-        with open(tmp_model, "wb") as f:
-            f.write(model.SerializeToString())
-        files.make_public(tmp_model)
-        if tmp_data is not None:
-            files.make_public(tmp_data)
-            os.replace(tmp_data, parent / data_name)
-            tmp_data = None
-        os.replace(tmp_model, out)
-        tmp_model = None
-    except OSError as exc:
-        raise UserError(f"{out}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        for leftover in (tmp_model, tmp_data):
-            if leftover is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(leftover)
+        payload = model.SerializeToString()
+    with files.atomic_open(out, "wb") as f:
+        f.write(payload)
     return out
 
 
@@ -387,8 +398,3 @@ def _file_chunks(path: Path, start: int, length: int) -> Iterator[bytes]:
                 raise UserError(f"{path}: external data ended early")
             remaining -= len(chunk)
             yield chunk
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else "unknown error"

@@ -6,9 +6,8 @@ operands, attention score and context products included), Gemm (transA/transB), 
 part of the runtime a collapse does not shrink, and the bench report shows them separately.
 
 Only dims are read, never tensor data, so a model loaded with `load_external_data=False` works, and a
-model whose proto would exceed 2 GB works too: shape inference runs on a skeleton copy in which every
-large or external initializer (and every large float `Constant`) is replaced by a graph input of the
-same type and shape.
+model whose proto would exceed 2 GB works too: shape inference runs on `io.skeleton`, the data-free copy
+in which every large or external initializer and `Constant` value is a stub with dims only.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import onnx
 from onnx import TensorProto, helper
 
+from lc_onnx import io
 from lc_onnx.errors import UserError
 
 __all__ = ["count_macs", "count_params", "infer_shapes", "macs_by_node"]
@@ -42,19 +42,11 @@ _FLOAT_TYPES = frozenset(
     if t is not None
 )
 
-# Initializers up to this many elements keep their data in the skeleton: shape tensors for Reshape,
-# Expand, Slice and friends are tiny, and data propagation needs their values.
-_KEEP_DATA_MAX_ELEMENTS = 4096
-
 Shape = list  # list[int | None]; None is a dim shape inference could not pin down.
 
 
 def _numel(dims: Iterable[int]) -> int:
     return math.prod(int(d) for d in dims)
-
-
-def _is_external(tensor: TensorProto) -> bool:
-    return tensor.data_location == TensorProto.EXTERNAL
 
 
 def count_params(model: onnx.ModelProto) -> int:
@@ -83,77 +75,62 @@ def _input_dims(value: onnx.ValueInfoProto, override: Sequence[int] | None) -> t
     ttype = value.type.tensor_type
     if not value.type.HasField("tensor_type"):
         return None
-    static = [d.dim_value if d.HasField("dim_value") else 1 for d in ttype.shape.dim]
+    # A negative dim_value is dynamic, as onnxruntime treats it (some exporters write -1 for the batch).
+    static = [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else 1 for d in ttype.shape.dim]
     if override is None:
         return ttype.elem_type, static
     dims = [int(d) for d in override]
     if ttype.HasField("shape") and len(dims) != len(static):
         raise UserError(
-            f"input {value.name!r} has rank {len(static)}, but input_shapes gives {len(dims)} dims {dims}"
+            f"input {value.name!r} has rank {len(static)}, but {{input_shapes}} gives {len(dims)} dims {dims}",
+            params=["input_shapes"],
         )
     for d, known in zip(dims, ttype.shape.dim, strict=False):
         if d < 0:
-            raise UserError(f"input {value.name!r}: negative dim {d} in input_shapes")
-        if known.HasField("dim_value") and known.dim_value != d:
             raise UserError(
-                f"input {value.name!r} has a fixed dim {known.dim_value}, but input_shapes gives {d}"
+                f"input {value.name!r}: negative dim {d} in {{input_shapes}}", params=["input_shapes"]
+            )
+        if known.HasField("dim_value") and known.dim_value >= 0 and known.dim_value != d:
+            raise UserError(
+                f"input {value.name!r} has a fixed dim {known.dim_value}, but {{input_shapes}} gives {d}",
+                params=["input_shapes"],
             )
     return ttype.elem_type, dims
 
 
 def _skeleton(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
-    """A data-free copy of the model with concrete input dims, small enough to serialise."""
+    """`io.skeleton` of the model with concrete input dims and nothing inferred yet, functions inlined."""
     src = model.graph
     init_names = {t.name for t in src.initializer}
     real_inputs = [v for v in src.input if v.name not in init_names]
     unknown = sorted(set(input_shapes) - {v.name for v in real_inputs})
     if unknown:
         names = ", ".join(v.name for v in real_inputs)
-        raise UserError(f"input_shapes names {unknown[0]!r}, which is not a graph input (inputs: {names})")
-
-    graph = onnx.GraphProto(name=src.name)
+        raise UserError(
+            f"{{input_shapes}} names {unknown[0]!r}, which is not a graph input (inputs: {names})",
+            params=["input_shapes"],
+        )
+    skeleton = io.skeleton(model)
+    graph = skeleton.graph
+    inputs = [v for v in graph.input if v.name in init_names]
     for value in real_inputs:
         typed = _input_dims(value, input_shapes.get(value.name))
-        if typed is None:
-            graph.input.append(value)
-        else:
-            graph.input.append(helper.make_tensor_value_info(value.name, *typed))
-    for tensor in src.initializer:
-        if _is_external(tensor) or _numel(tensor.dims) > _KEEP_DATA_MAX_ELEMENTS:
-            graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
-        else:
-            graph.initializer.append(tensor)
-    for node in src.node:
-        big = _big_constant(node)
-        if big is None:
-            graph.node.append(node)
-        else:
-            graph.input.append(helper.make_tensor_value_info(node.output[0], big.data_type, big.dims))
-    for value in src.output:
-        elem = value.type.tensor_type.elem_type if value.type.HasField("tensor_type") else 0
-        graph.output.append(helper.make_tensor_value_info(value.name, elem, None))
-
-    skeleton = onnx.ModelProto(
-        ir_version=model.ir_version,
-        opset_import=model.opset_import,
-        graph=graph,
-        functions=model.functions,
-    )
+        inputs.append(value if typed is None else helper.make_tensor_value_info(value.name, *typed))
+    outputs = [
+        helper.make_tensor_value_info(
+            v.name, v.type.tensor_type.elem_type if v.type.HasField("tensor_type") else 0, None
+        )
+        for v in src.output
+    ]
+    for field, values in (("input", inputs), ("output", outputs), ("value_info", [])):
+        del getattr(graph, field)[:]
+        getattr(graph, field).extend(values)
     if skeleton.functions:
         try:
             skeleton = onnx.inliner.inline_local_functions(skeleton)
         except Exception as exc:  # a malformed function must not stop the count
             logger.warning("could not inline local functions (%s); their MACs are not counted", exc)
     return skeleton
-
-
-def _big_constant(node: onnx.NodeProto) -> TensorProto | None:
-    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
-        return None
-    for attr in node.attribute:
-        if attr.name == "value" and (_is_external(attr.t) or _numel(attr.t.dims) > _KEEP_DATA_MAX_ELEMENTS):
-            return attr.t
-    return None
 
 
 def _shape_of(value: onnx.ValueInfoProto) -> Shape | None:

@@ -13,21 +13,22 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from lc_onnx import files, io, rewrite, runtime
+from lc_onnx import files, io, macs, rewrite, runtime
 from lc_onnx.algebra import ChannelAffine
+from lc_onnx.constants import Constants
 from lc_onnx.decide import Collapse, Options, Skip, decide
 from lc_onnx.errors import UserError, VerificationError
+from lc_onnx.reasons import Kind
 from lc_onnx.report import Report, SiteReport, Verification
-from lc_onnx.sites import Constants, SiteFinder, opset_of
+from lc_onnx.sites import SiteFinder
 from lc_onnx.verify import compare
 
 log = logging.getLogger(__name__)
@@ -79,11 +80,7 @@ def fuse(
     allow_growth: bool = False,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     feeds: Iterable[Mapping[str, np.ndarray]] | None = None,
-    fits: Mapping[str, ChannelAffine] | Any = None,
-    data: Any = None,
-    metric: Callable[..., float] | None = None,
-    max_drop: float | None = None,
-    calib_batches: int | None = None,
+    fits: Mapping[str, ChannelAffine] | None = None,
 ) -> FuseResult:
     """Collapse every qualifying Linear -> linear activation -> Linear of `model` and verify the result.
 
@@ -99,34 +96,19 @@ def fuse(
             MAC-count shapes.
         feeds: verification inputs (`{input name: array}` per run) instead of random data.
         fits: fitted per-channel affine maps `a ⊙ h + c` for activation steps, keyed by step name; these
-            sites collapse with the fitted map. A `calibration.Calibration` or a fits file path applies
-            the calibrated rules below.
-        data: calibration feeds (an iterable of `{input: array}` or a `CalibrationDataReader`): fit every
-            activation, keep the fits whose sites keep the model within `max_error` (or `metric` within
-            `max_drop`) on held-out feeds, and verify on those feeds; `threshold` and `feeds` are then
-            not used (see `lc_onnx.calibration`).
-        metric: `metric(run) -> float`, higher is better, where `run(feed)` returns the model's outputs;
-            with `max_drop`, the budget instead of `max_error`.
-        calib_batches: fit on the first N feeds of `data` and hold out the next ones (default: every
-            fourth feed is held out).
+            sites collapse with the fitted map (calibration chooses them; see `lc_onnx.calibration`).
 
     Raises:
         UserError: the model cannot be read or written, or the options do not fit it.
         VerificationError: the fused model deviates more than `max_error` (nothing is written).
     """
-    if data is not None or metric is not None or (fits is not None and not isinstance(fits, Mapping)):
-        from lc_onnx.calibration import fuse_calibrated
-
-        return fuse_calibrated(
-            model, data=data, fits=fits, max_error=max_error, max_abs_error=max_abs_error,
-            metric=metric, max_drop=max_drop,
-            calib_batches=calib_batches, output=output, verify=verify, allow_growth=allow_growth,
-            input_shapes=input_shapes,
-        )  # fmt: skip
     start = time.perf_counter()
     if threshold < 0 or max_error < 0 or (max_abs_error is not None and max_abs_error < 0):
-        raise UserError("threshold, max_error and max_abs_error must be >= 0")
-    loaded = io.load(model) if not isinstance(model, onnx.ModelProto) else io.from_proto(model)
+        raise UserError(
+            "{threshold}, {max_error} and {max_abs_error} must be >= 0",
+            params=["threshold", "max_error", "max_abs_error"],
+        )
+    loaded = io.as_loaded(model)
     out_path = Path(output) if output is not None else None
     if out_path is not None and loaded.path is not None and _same_file(out_path, loaded.path):
         raise UserError(f"{out_path}: output would overwrite the input model; choose another path")
@@ -149,10 +131,10 @@ def fuse(
     before, after = io.skeleton(loaded.proto), io.skeleton(fused.proto)
     report = Report(
         sites=rewritten.sites,
-        params_before=_params(before),
-        params_after=_params(after),
-        macs_before=_macs(before, shapes),
-        macs_after=_macs(after, shapes),
+        params_before=macs.count_params(before),
+        params_after=macs.count_params(after),
+        macs_before=macs.count_macs(before, shapes),
+        macs_after=macs.count_macs(after, shapes),
         verification=Verification(note="model unchanged: nothing collapsed"),
     )
     original_source = _session_source(loaded)
@@ -180,7 +162,7 @@ def fuse(
         breach = verification.breach(max_error, max_abs_error)
         if breach is not None:
             raise VerificationError(f"fused model differs from the original: {breach}; nothing written")
-        if changed and all(s.extra.get("exact") for s in report.collapsed):
+        if changed and all(s.reason_kind == Kind.EXACT for s in report.collapsed):
             _check_rounding(verification, before)
         if out_path is not None:
             _publish(staging, out_path)
@@ -211,7 +193,7 @@ def site_finder(loaded: io.LoadedModel) -> SiteFinder:
             "the graph has a cycle (or several nodes writing one tensor); not a valid model"
         ) from None
     _add_inferred_shapes(graph, io.skeleton(proto))
-    constants = Constants(graph, loaded.base_dir, opset_of(proto), graph_inputs=_feedable(proto))
+    constants = Constants(graph, proto, loaded.base_dir, graph_inputs=_feedable(proto))
     return SiteFinder(graph, constants)
 
 
@@ -272,14 +254,12 @@ def _add_inferred_shapes(graph: gs.Graph, skeleton: onnx.ModelProto) -> None:
 
 
 def _collapse_report(c: Collapse, constants: Constants) -> SiteReport:
-    heads = ", ".join(h.layer.name for h in c.heads)
-    kind = "exact" if c.exact else "near-linear"
-    reason = f"{kind} collapse into {len(c.heads)} layer(s) ending at {heads}"
     return SiteReport(
         nodes=c.node_names(),
         activation=c.activation,
         decision="collapsed",
-        reason=reason,
+        reason=c.reason.message,
+        reason_kind=c.reason.kind.value,
         params_before=c.params_before,
         params_after=c.params_after,
         extra={"exact": c.exact, "slopes": _slopes(c.sites, constants)},
@@ -291,7 +271,8 @@ def _skip_report(s: Skip, constants: Constants) -> SiteReport:
         nodes=s.site.node_names(),
         activation=s.site.activation,
         decision="skipped",
-        reason=s.reason,
+        reason=s.reason.message,
+        reason_kind=s.reason.kind.value,
         params_before=s.params,
         params_after=s.params,
         extra={"slopes": _slopes([s.site], constants)},
@@ -338,18 +319,6 @@ def _restore_model_fields(new: onnx.ModelProto, old: onnx.ModelProto) -> None:
         new.graph.input.extend(inputs)
     del new.graph.output[:]
     new.graph.output.extend(old.graph.output)
-
-
-def _params(model: onnx.ModelProto) -> int:
-    from lc_onnx.macs import count_params
-
-    return int(count_params(model))
-
-
-def _macs(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> int:
-    from lc_onnx.macs import count_macs
-
-    return int(count_macs(model, shapes))
 
 
 def _session_source(loaded: io.LoadedModel) -> str | bytes:

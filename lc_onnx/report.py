@@ -1,7 +1,8 @@
 """The fuse report: plain dataclasses that serialise to the documented JSON.
 
 Schema (stable keys; other tools read them):
-`{"sites": [{"nodes", "activation", "decision", "reason", "params_before", "params_after", ...}],
+`{"sites": [{"nodes", "activation", "decision", "reason", "reason_kind", "params_before", "params_after",
+...}],
 "params_before", "params_after", "macs_before", "macs_after",
 "verification": {"outputs": {name: {"max_abs", "rel_l2"}}}, "seconds"}`.
 Site entries may carry more keys (`exact`, calibration fit fields); consumers must ignore unknown keys.
@@ -19,7 +20,8 @@ class SiteReport:
     nodes: list[str]
     activation: str
     decision: str  # "collapsed" | "skipped"
-    reason: str
+    reason: str  # for people
+    reason_kind: str  # for code: a `reasons.Kind` value
     params_before: int
     params_after: int
     extra: dict[str, Any] = field(default_factory=dict)

@@ -15,8 +15,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from lc_onnx.constants import Constants
 from lc_onnx.decide import Collapse
-from lc_onnx.sites import Constants, Linear, rank_of
+from lc_onnx.sites import Linear, rank_of
 
 
 class Namer:
@@ -45,13 +46,14 @@ def apply(graph: gs.Graph, collapses: Sequence[Collapse], constants: Constants) 
             base = (head.layer.nodes[0].name or first.nodes[0].name or "lc") + "/collapsed"
             weight = head.result.weight.astype(dtype)
             bias = head.result.bias.astype(dtype) if head.with_bias else None
-            _emit(graph, namer, base, first.input, head.layer, weight, bias, rank2)
+            _emit(graph, namer, constants, base, first.input, head.layer, weight, bias, rank2)
     graph.cleanup().toposort()
 
 
 def _emit(
     graph: gs.Graph,
     namer: Namer,
+    constants: Constants,
     base: str,
     x: gs.Tensor,
     head: Linear,
@@ -62,18 +64,18 @@ def _emit(
     out = head.output
     head.nodes[-1].outputs.clear()
     if rank2:
-        inputs = [x, gs.Constant(namer(base + ".weight"), np.ascontiguousarray(weight.T))]
+        inputs = [x, constants.add(namer(base + ".weight"), np.ascontiguousarray(weight.T))]
         if bias is not None:
-            inputs.append(gs.Constant(namer(base + ".bias"), bias))
+            inputs.append(constants.add(namer(base + ".bias"), bias))
         graph.nodes.append(gs.Node("Gemm", namer(base), attrs={"transB": 1}, inputs=inputs, outputs=[out]))
         return
-    w = gs.Constant(namer(base + ".weight"), np.ascontiguousarray(weight))
+    w = constants.add(namer(base + ".weight"), np.ascontiguousarray(weight))
     if bias is None:
         graph.nodes.append(gs.Node("MatMul", namer(base), inputs=[x, w], outputs=[out]))
         return
     mm = gs.Variable(namer(base + "/MatMul_output_0"), dtype=out.dtype, shape=out.shape)
     graph.nodes.append(gs.Node("MatMul", namer(base + "/MatMul"), inputs=[x, w], outputs=[mm]))
-    b = gs.Constant(namer(base + ".bias"), bias)
+    b = constants.add(namer(base + ".bias"), bias)
     graph.nodes.append(gs.Node("Add", namer(base + "/Add"), inputs=[mm, b], outputs=[out]))
 
 

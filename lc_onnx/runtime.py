@@ -1,4 +1,15 @@
-"""onnxruntime access: the import with a helpful message, sessions, and input feeds.
+"""onnxruntime access: the one session factory, runs with one-line failures, and input feeds.
+
+Every onnxruntime session lc-onnx opens comes from `session`: the provider (checked to be the one that
+actually runs), the graph optimisation level, threads, profiling, and where external data is read from
+are decided here and nowhere else. A model is given as
+
+- a path: onnxruntime reads the file and its external data (relative to the file) itself;
+- serialized bytes: self-contained models only;
+- a `ModelProto` whose large tensors still live on disk (`io.load` leaves them there, and candidate
+  graphs built from such a model keep the references): the external initializers are read from
+  `base_dir`, memory-mapped, and handed to onnxruntime as `OrtValue`s, so nothing is copied to a
+  temporary file.
 
 onnxruntime comes from the `cpu` or `gpu` extra (never both: they install the same module).
 """
@@ -13,9 +24,14 @@ from types import ModuleType
 import numpy as np
 import onnx
 
-from lc_onnx.errors import UserError
+from lc_onnx import io
+from lc_onnx.errors import UserError, one_line
 
 DEFAULT_DYNAMIC_DIM = 2
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+
+ModelSource = str | os.PathLike | bytes | onnx.ModelProto
 
 
 def import_ort() -> ModuleType:
@@ -29,18 +45,51 @@ def import_ort() -> ModuleType:
     return onnxruntime
 
 
-def make_session(
-    model: str | os.PathLike | bytes,
+def check_provider(provider: str) -> str:
+    """The onnxruntime name of `provider` (`cpu` or `cuda`), or a one-line `UserError` when this
+    onnxruntime build does not offer it."""
+    if provider not in PROVIDERS:
+        raise UserError(
+            f"unknown {{provider}} {provider!r}; choose from {', '.join(PROVIDERS)}", params=["provider"]
+        )
+    ort = import_ort()
+    name = PROVIDERS[provider]
+    available = ort.get_available_providers()
+    if name not in available:
+        raise UserError(
+            f"{name} is not available in this onnxruntime {ort.__version__} build "
+            f"(available: {', '.join(available)}); "
+            "pip install 'lc-onnx[gpu]' (onnxruntime-gpu, with a matching CUDA) in place of onnxruntime"
+        )
+    return name
+
+
+def session(
+    model: ModelSource,
     *,
-    providers: Sequence[str] = ("CPUExecutionProvider",),
+    base_dir: str | os.PathLike | None = None,
+    provider: str = "cpu",
     threads: int | None = None,
     optimization: str = "basic",
+    profile_prefix: str | None = None,
+    name: str | None = None,
 ):
-    """An `InferenceSession` for a model path or serialized bytes.
+    """An `InferenceSession` for `model` (a path, serialized bytes, or a `ModelProto`; see the module
+    docstring) running on exactly `provider`.
 
-    `optimization` is "disable", "basic", "extended" or "all" (onnxruntime's graph optimization levels).
+    Args:
+        base_dir: where a `ModelProto`'s external tensors live.
+        provider: `cpu` or `cuda`; a session that falls back to another provider is refused.
+        threads: intra-op threads (with one inter-op thread); None leaves onnxruntime's default.
+        optimization: onnxruntime's graph optimisation level, one of `OPTIMIZATION_LEVELS`.
+        profile_prefix: turn on onnxruntime's profiler, writing files with this prefix.
+        name: how errors call the model (default: the file name, or "the model").
+
+    Raises:
+        UserError: onnxruntime or the provider is missing, or onnxruntime cannot load the model.
     """
     ort = import_ort()
+    provider_name = check_provider(provider)
     options = ort.SessionOptions()
     options.graph_optimization_level = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -48,41 +97,79 @@ def make_session(
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[optimization]
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     options.log_severity_level = 3
-    source = str(model) if isinstance(model, (str, os.PathLike)) else model
+    keep: list = []
+    if isinstance(model, onnx.ModelProto):
+        source = _proto_source(ort, model, base_dir, options, keep)
+        label = name or "the model"
+    elif isinstance(model, bytes):
+        source, label = model, name or "the model"
+    else:
+        source = str(model)
+        label = name or Path(source).name
     try:
-        return ort.InferenceSession(source, sess_options=options, providers=list(providers))
-    except Exception as exc:
-        name = Path(source).name if isinstance(source, str) else "model"
-        raise UserError(f"onnxruntime cannot load {name}: {_one_line(exc)}") from None
+        result = ort.InferenceSession(source, sess_options=options, providers=[provider_name])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        raise UserError(f"onnxruntime cannot load {label}: {one_line(exc, 300)}") from None
+    if result.get_providers()[0] != provider_name:
+        # The CUDA provider falls back to CPU silently when its libraries fail to load.
+        raise UserError(
+            f"{provider_name} failed to initialise for {label} (runs on {result.get_providers()})"
+        )
+    result._lc_keep = keep  # the OrtValues of external initializers must outlive the session
+    return result
 
 
-def parse_input_shapes(specs: Sequence[str]) -> dict[str, tuple[int, ...]]:
-    """Parse `name:1x3x224x224` specs (as given to `--input-shape`)."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for spec in specs:
-        name, sep, dims = spec.rpartition(":")
-        try:
-            if not sep or not name:
-                raise ValueError
-            shape = tuple(int(d) for d in dims.lower().split("x")) if dims else ()
-            if any(d < 0 for d in shape):
-                raise ValueError
-        except ValueError:
-            raise UserError(
-                f"--input-shape {spec!r}: expected NAME:DxDx... (for example x:1x3x224x224)"
-            ) from None
-        shapes[name] = shape
-    return shapes
+def _proto_source(ort, model: onnx.ModelProto, base_dir, options, keep: list) -> bytes:
+    """Serialized `model`; external initializers go to `options` as memory-mapped `OrtValue`s."""
+    base = Path(base_dir) if base_dir is not None else None
+    names = []
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            names.append(tensor.name)
+            keep.append(ort.OrtValue.ortvalue_from_numpy(np.asarray(io.read_tensor(tensor, base))))
+    if names:
+        options.add_external_initializers(names, keep)
+    external = sum(t.data_location == onnx.TensorProto.EXTERNAL for t in io.iter_tensors(model))
+    if external > len(names):
+        raise UserError(
+            "external data outside the main graph's initializers cannot be run from memory; "
+            "save the model and pass its path"
+        )
+    return model.SerializeToString()
+
+
+def run(
+    sess,
+    feed: Mapping[str, np.ndarray],
+    names: Sequence[str] | None = None,
+    *,
+    on: str = "its inputs",
+    what: str = "the model",
+    error: type[UserError] = UserError,
+) -> dict[str, np.ndarray]:
+    """The outputs `names` (default: all) of one run as `{name: array}`; a failed run raises `error`
+    with one line: "onnxruntime cannot run {what} on {on}: ..."."""
+    names = list(names) if names is not None else [o.name for o in sess.get_outputs()]
+    try:
+        return dict(zip(names, sess.run(names, dict(feed))))
+    except Exception as exc:  # onnxruntime's own exception types
+        raise error(f"onnxruntime cannot run {what} on {on}: {one_line(exc)}") from None
 
 
 def input_shapes(
     model: onnx.ModelProto, overrides: Mapping[str, Sequence[int]] | None = None
 ) -> dict[str, tuple[int, ...]]:
-    """Concrete shapes for the graph inputs: static dims kept, dynamic ones set small, `overrides` win."""
+    """Concrete shapes for the graph inputs: static dims kept, dynamic ones (symbolic, missing, or
+    written as a negative `dim_value`, which onnxruntime also treats as dynamic) set small,
+    `overrides` win."""
     overrides = dict(overrides or {})
     initializers = {t.name for t in model.graph.initializer}
     shapes = {}
@@ -95,7 +182,8 @@ def input_shapes(
         tensor_type = value.type.tensor_type
         if not tensor_type.HasField("shape"):
             raise UserError(
-                f"input {value.name!r} has no known rank; give its shape with --input-shape {value.name}:DxD..."
+                f"input {value.name!r} has no known rank; give its shape in {{input_shapes}}",
+                params=["input_shapes"],
             )
         shapes[value.name] = tuple(
             d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else DEFAULT_DYNAMIC_DIM
@@ -103,7 +191,7 @@ def input_shapes(
         )
     if overrides:
         names = ", ".join(sorted(overrides))
-        raise UserError(f"--input-shape names unknown input(s): {names}")
+        raise UserError(f"{{input_shapes}} names unknown input(s): {names}", params=["input_shapes"])
     return shapes
 
 
@@ -124,8 +212,3 @@ def random_feeds(
         else:
             feeds[name] = np.zeros(shape, dtype=dtype)
     return feeds
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[-1][:300] if lines else type(exc).__name__

@@ -15,15 +15,15 @@ whether the activation is linear enough is for `decide`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
-from lc_onnx import activations, io
+from lc_onnx import activations
+from lc_onnx.constants import Constants, describe
+from lc_onnx.reasons import Kind, Reason
 
 log = logging.getLogger(__name__)
 
@@ -34,106 +34,7 @@ NONLINEAR_OPS = (
     "Relu", "Gelu", "Sigmoid", "Tanh", "Elu", "Selu", "Celu", "Softplus", "Softsign", "HardSigmoid",
     "HardSwish", "Mish", "Clip", "Erf", "ThresholdedRelu", "Swish",
 )  # fmt: skip
-# Ops whose output is constant when all their inputs are (weights computed by small subgraphs).
-FOLDABLE_OPS = frozenset(
-    {
-        "Identity", "Transpose", "Reshape", "Cast", "CastLike", "ConstantOfShape", "Unsqueeze", "Squeeze",
-        "Flatten", "Mul", "Add", "Sub", "Div", "Neg", "Sqrt", "Reciprocal", "Concat", "Expand", "Gather",
-        "Slice", "Shape", "Tile",
-    }
-)  # fmt: skip
 FLOAT_TYPES = (np.float16, np.float32, np.float64)
-
-
-def describe(node: gs.Node) -> str:
-    """A node's name, or `Op(output)` for unnamed nodes, for reports and reasons."""
-    if node.name:
-        return node.name
-    out = node.outputs[0].name if node.outputs else "?"
-    return f"{node.op}({out})"
-
-
-class Constants:
-    """Values of constant tensors: initializers, `Constant` outputs and folded constant subgraphs."""
-
-    def __init__(
-        self, graph: gs.Graph, base_dir: Path | None, opset: int, graph_inputs: Iterable[str] | None = None
-    ) -> None:
-        # graphsurgeon turns an initializer that is also a graph input into a Constant and drops it from
-        # `graph.inputs`; the caller passes the proto's input names so such overridable weights stay inputs.
-        self._graph_inputs = {t.name for t in graph.inputs} | set(graph_inputs or ())
-        self._base_dir = base_dir
-        self._opset = opset
-        self._cache: dict[str, np.ndarray | None] = {}
-
-    def is_graph_input(self, tensor: gs.Tensor) -> bool:
-        return tensor.name in self._graph_inputs
-
-    def value(self, tensor: gs.Tensor, depth: int = 0) -> np.ndarray | None:
-        """The tensor's value, or None when it is not constant (or is a graph input)."""
-        if tensor.name in self._cache:
-            return self._cache[tensor.name]
-        value = self._compute(tensor, depth)
-        self._cache[tensor.name] = value
-        return value
-
-    def forget(self, tensor: gs.Tensor) -> None:
-        self._cache.pop(tensor.name, None)
-
-    def _compute(self, tensor: gs.Tensor, depth: int) -> np.ndarray | None:
-        if self.is_graph_input(tensor):
-            return None
-        if isinstance(tensor, gs.Constant):
-            return self._constant_values(tensor)
-        if not tensor.inputs or depth > 16:
-            return None
-        node = tensor.inputs[0]
-        if node.op == "Constant":
-            return _constant_node_value(node, self)
-        if node.op not in FOLDABLE_OPS:
-            return None
-        inputs = []
-        for inp in node.inputs:
-            if inp.name == "":
-                inputs.append(None)
-                continue
-            value = self.value(inp, depth + 1)
-            if value is None:
-                return None
-            inputs.append(value)
-        return self._evaluate(node, inputs, tensor)
-
-    def _constant_values(self, const: gs.Constant) -> np.ndarray:
-        lazy = const._values
-        if isinstance(lazy, gs.ir.tensor.LazyValues):
-            return io.read_tensor(lazy.tensor, self._base_dir)
-        return np.asarray(const.values)
-
-    def _evaluate(self, node: gs.Node, inputs: list, tensor: gs.Tensor) -> np.ndarray | None:
-        from onnx.reference import ReferenceEvaluator
-        from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
-
-        proto = OnnxExporter.export_node(node)
-        feeds = {name: value for name, value in zip(proto.input, inputs) if name}
-        try:
-            outputs = ReferenceEvaluator(proto, opsets={"": self._opset}).run(None, feeds)
-        except Exception as exc:  # an odd constant subgraph is simply not foldable
-            log.debug("cannot fold %s: %s", describe(node), exc)
-            return None
-        index = [out.name for out in node.outputs].index(tensor.name)
-        return np.asarray(outputs[index])
-
-
-def _constant_node_value(node: gs.Node, constants: Constants) -> np.ndarray | None:
-    attrs = node.attrs
-    if "value" in attrs:
-        value = attrs["value"]
-        return constants._constant_values(value) if isinstance(value, gs.Constant) else np.asarray(value)
-    for key, dtype in (("value_float", np.float32), ("value_floats", np.float32), ("value_int", np.int64),
-                       ("value_ints", np.int64)):  # fmt: skip
-        if key in attrs:
-            return np.asarray(attrs[key], dtype=dtype)
-    return None
 
 
 @dataclass(frozen=True)
@@ -152,7 +53,7 @@ class Linear:
     trans_b: bool = False
     alpha: float = 1.0
     beta: float = 1.0
-    problems: tuple[str, ...] = ()
+    problems: tuple[Reason, ...] = ()
 
     @property
     def is_gemm(self) -> bool:
@@ -235,7 +136,7 @@ class Site:
     producer: Linear
     steps: tuple[Step, ...]
     consumers: tuple[Linear, ...]
-    problems: tuple[str, ...] = field(default=())
+    problems: tuple[Reason, ...] = field(default=())
 
     @property
     def hidden(self) -> gs.Tensor:
@@ -297,17 +198,18 @@ class SiteFinder:
             return self._matmul(node)
         return None
 
-    def _weight_problems(self, node: gs.Node, tensor: gs.Tensor, role: str, users: tuple) -> list[str]:
-        problems = []
+    def _weight_problems(self, node: gs.Node, tensor: gs.Tensor, role: str, users: tuple) -> list[Reason]:
         if self.constants.is_graph_input(tensor):
-            problems.append(f"{role} {tensor.name!r} of {describe(node)} is a graph input")
-            return problems
+            return [Reason(Kind.GRAPH_INPUT, f"{role} {tensor.name!r} of {describe(node)} is a graph input")]
         others = [c for c in tensor.outputs if all(c is not u for u in users)]
         if others:
-            problems.append(
-                f"{role} {tensor.name!r} of {describe(node)} is shared with {describe(others[0])}"
-            )
-        return problems
+            return [
+                Reason(
+                    Kind.SHARED,
+                    f"{role} {tensor.name!r} of {describe(node)} is shared with {describe(others[0])}",
+                )
+            ]
+        return []
 
     def _is_weight(self, tensor: gs.Tensor) -> bool:
         return self.constants.is_graph_input(tensor) or self.constants.value(tensor) is not None
@@ -331,7 +233,10 @@ class SiteFinder:
             d_out = value.shape[0] if trans_b else value.shape[1]
             if c is not None and not _broadcasts_to_row(self.constants.value(c).shape, d_out):
                 problems.append(
-                    f"bias of {describe(node)} has shape {self.constants.value(c).shape}, not a row"
+                    Reason(
+                        Kind.SHAPE,
+                        f"bias of {describe(node)} has shape {self.constants.value(c).shape}, not a row",
+                    )
                 )
         return Linear(
             (node,), x, node.outputs[0], w, c, trans_b,
@@ -366,10 +271,10 @@ class SiteFinder:
                 out = add.outputs[0]
         return Linear(nodes, x, out, w, bias, problems=tuple(problems))
 
-    def _dtype_problems(self, node: gs.Node, value: np.ndarray) -> list[str]:
+    def _dtype_problems(self, node: gs.Node, value: np.ndarray) -> list[Reason]:
         if _is_float(value.dtype):
             return []
-        return [f"{describe(node)} has dtype {value.dtype}, not floating point"]
+        return [Reason(Kind.DTYPE, f"{describe(node)} has dtype {value.dtype}, not floating point")]
 
     def _follow(self, layer: Linear) -> Site | None:
         steps: list[Step] = []
@@ -379,7 +284,9 @@ class SiteFinder:
         while tensor.name not in seen:
             seen.add(tensor.name)
             if tensor.name in self._outputs:
-                problems.append(f"{tensor.name!r} between the layers is a graph output")
+                problems.append(
+                    Reason(Kind.CONSUMER, f"{tensor.name!r} between the layers is a graph output")
+                )
             consumers = list(tensor.outputs)
             linears = [
                 lin
@@ -391,7 +298,9 @@ class SiteFinder:
             if linears:
                 others = [c for c in consumers if all(c is not lin.nodes[0] for lin in linears)]
                 if others:
-                    problems.append(f"{tensor.name!r} also feeds {describe(others[0])}")
+                    problems.append(
+                        Reason(Kind.CONSUMER, f"{tensor.name!r} also feeds {describe(others[0])}")
+                    )
                 for lin in linears:
                     problems += lin.problems
                 return Site(layer, tuple(steps), tuple(linears), tuple(dict.fromkeys(problems)))
@@ -402,14 +311,14 @@ class SiteFinder:
             step = next(iter(found.values()))
             others = [c for c in consumers if all(c is not n for n in step.nodes)]
             if others:
-                problems.append(f"{tensor.name!r} also feeds {describe(others[0])}")
+                problems.append(Reason(Kind.CONSUMER, f"{tensor.name!r} also feeds {describe(others[0])}"))
             steps.append(step)
             tensor = step.output
         return None
 
     def _step(self, node: gs.Node, tensor: gs.Tensor) -> Step | None:
         # Multi-node activations first: their first node may also be an activation op (Sigmoid of SiLU).
-        pattern = activations.match(node, tensor, self._outputs)
+        pattern = activations.match(node, tensor, self._outputs, self.constants)
         if pattern is not None and len(pattern[0]) > 1:
             nodes, output, name = pattern
             return Step(tuple(nodes), "nonlinear", name, tensor, output)
@@ -454,10 +363,3 @@ def _is_false(value: np.ndarray | None) -> bool:
 
 def rank_of(tensor: gs.Tensor) -> int | None:
     return None if tensor.shape is None else len(tensor.shape)
-
-
-def opset_of(model: onnx.ModelProto) -> int:
-    for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            return int(imp.version)
-    return 1

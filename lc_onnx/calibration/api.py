@@ -11,23 +11,18 @@ from typing import Any
 import numpy as np
 import onnx
 
-from lc_onnx import io
+from lc_onnx import io, pipeline
 from lc_onnx.calibration import data as data_mod
 from lc_onnx.calibration import fits as fits_mod
 from lc_onnx.calibration import stats as stats_mod
 from lc_onnx.calibration.fits import Calibration
 from lc_onnx.calibration.select import Budget, Metric, Selection, select
 from lc_onnx.errors import UserError
+from lc_onnx.reasons import Kind
 
 log = logging.getLogger(__name__)
 
 ModelLike = str | os.PathLike | onnx.ModelProto
-
-
-def _load(model: ModelLike | io.LoadedModel) -> io.LoadedModel:
-    if isinstance(model, io.LoadedModel):
-        return model
-    return io.from_proto(model) if isinstance(model, onnx.ModelProto) else io.load(model)
 
 
 def calibrate(
@@ -48,7 +43,7 @@ def calibrate(
     Raises:
         UserError: the data is empty or does not fit the model's inputs.
     """
-    loaded = _load(model)
+    loaded = io.as_loaded(model)
     _check_batches(calib_batches)
     stream = data_mod.take(data_mod.feeds(data, data_mod.input_specs(loaded.proto)), calib_batches)
     calibration = _fit(loaded, stream)
@@ -58,10 +53,8 @@ def calibrate(
 
 
 def _fit(loaded: io.LoadedModel, stream: Iterable) -> Calibration:
-    from lc_onnx.pipeline import site_finder
-
     start = time.perf_counter()
-    finder = site_finder(loaded)
+    finder = pipeline.site_finder(loaded)
     probes = stats_mod.probes_for(finder.sites(), finder.constants)
     del finder
     statistics = stats_mod.collect(loaded, probes, stream)
@@ -71,7 +64,7 @@ def _fit(loaded: io.LoadedModel, stream: Iterable) -> Calibration:
 
 def _check_batches(calib_batches: int | None) -> None:
     if calib_batches is not None and calib_batches < 1:
-        raise UserError("calib_batches must be >= 1")
+        raise UserError("{calib_batches} must be >= 1", params=["calib_batches"])
 
 
 def fuse_calibrated(
@@ -92,14 +85,12 @@ def fuse_calibrated(
     """Fit (or reuse `fits`), choose the sites within the budget on held-out feeds, then fuse with the
     chosen fits and verify on the held-out feeds. Returns the `FuseResult` whose report carries, per site,
     `calibration: {step: {op, fit_error, estimated_error, measured_error, decision, reason}}`."""
-    from lc_onnx import pipeline
-
     if (metric is None) != (max_drop is None):
-        raise UserError("--metric and --max-drop go together")
+        raise UserError("{metric} and {max_drop} go together", params=["metric", "max_drop"])
     if max_error < 0 or (max_drop is not None and max_drop < 0):
-        raise UserError("max_error and max_drop must be >= 0")
+        raise UserError("{max_error} and {max_drop} must be >= 0", params=["max_error", "max_drop"])
     _check_batches(calib_batches)
-    loaded = _load(model)
+    loaded = io.as_loaded(model)
     held: list = []
     if data is not None:
         stream, held = data_mod.split(data_mod.feeds(data, data_mod.input_specs(loaded.proto)), calib_batches)
@@ -115,7 +106,8 @@ def fuse_calibrated(
     if data is not None and not held:
         raise UserError(
             "no held-out calibration feeds for the selection: give at least 4 batches, or more than "
-            "--calib-batches"
+            "{calib_batches}",
+            params=["calib_batches"],
         )
     budget = Budget(max_error=max_error, max_abs_error=max_abs_error, metric=metric, max_drop=max_drop)
     if held or metric is not None:
@@ -152,7 +144,7 @@ def annotate(report, calibration: Calibration, selection: Selection | None) -> N
                 "estimated_error": _num(fit.estimated_error),
                 "measured_error": _num(trial.measured_error) if trial is not None else None,
                 "decision": "applied" if (trial.accepted if trial else selection is None) else "rejected",
-                "reason": trial.reason
+                "reason": str(trial.reason)
                 if trial is not None
                 else ("fits given" if selection is None else "not a candidate"),
             }
@@ -161,10 +153,11 @@ def annotate(report, calibration: Calibration, selection: Selection | None) -> N
             if (
                 site.decision == "skipped"
                 and trial is not None
-                and not trial.accepted
-                and trial.reason.startswith("fit rejected")
+                and trial.reason is not None
+                and trial.reason.kind is Kind.FIT_REJECTED
             ):
                 site.reason = f"{fit.op} {key}: {trial.reason}"
+                site.reason_kind = trial.reason.kind.value
         if entries:
             site.extra["calibration"] = entries
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from lc_onnx.errors import UserError
+from lc_onnx.errors import UserError, one_line
 
 Feed = dict[str, np.ndarray]
 MAX_HELD_OUT = 32
@@ -146,14 +146,15 @@ def split(stream: Iterator[Feed], fit_batches: int | None) -> tuple[Iterator[Fee
     return fit(), held
 
 
-def load_callable(spec: str, what: str) -> Callable[..., Any]:
-    """The function named by `file.py:function`."""
+def load_callable(spec: str, param: str) -> Callable[..., Any]:
+    """The function named by `file.py:function`, given as the parameter `param` (errors name it)."""
+    what = "{" + param + "}"
     path_text, sep, name = spec.rpartition(":")
     if not sep or not path_text.endswith(".py") or not name.isidentifier():
-        raise UserError(f"{what} {spec!r}: expected FILE.py:FUNCTION")
+        raise UserError(f"{what} {spec!r}: expected FILE.py:FUNCTION", params=[param])
     path = Path(path_text)
     if not path.is_file():
-        raise UserError(f"{what} {spec!r}: {path}: no such file")
+        raise UserError(f"{what} {spec!r}: {path}: no such file", params=[param])
     module_name = f"_lc_onnx_user_{abs(hash(str(path.resolve())))}"
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(module_spec)
@@ -162,33 +163,36 @@ def load_callable(spec: str, what: str) -> Callable[..., Any]:
         module_spec.loader.exec_module(module)
     except Exception as exc:
         raise UserError(
-            f"{what} {spec!r}: importing {path} failed: {type(exc).__name__}: {_line(exc)}"
+            f"{what} {spec!r}: importing {path} failed: {type(exc).__name__}: {one_line(exc, 300)}",
+            params=[param],
         ) from None
     finally:
         sys.path.remove(str(path.resolve().parent))
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise UserError(f"{what} {spec!r}: {path} defines no function {name!r}")
+        raise UserError(f"{what} {spec!r}: {path} defines no function {name!r}", params=[param])
     return fn
 
 
 def from_spec(spec: str) -> Iterable[Any]:
-    """The data named on the command line: `file.py:function`, a directory of `.npz` files, or one `.npz`."""
+    """The data a spec names (the `data` parameter spelled as text, as on the command line):
+    `file.py:function`, a directory of `.npz` files, or one `.npz`."""
     path = Path(spec)
     if path.is_dir():
         files = sorted(path.glob("*.npz"))
         if not files:
-            raise UserError(f"--data {spec}: no .npz files in this directory")
+            raise UserError(f"{{data}} {spec}: no .npz files in this directory", params=["data"])
         return _npz_feeds(files)
     if path.suffix == ".npz":
         if not path.is_file():
-            raise UserError(f"--data {spec}: no such file")
+            raise UserError(f"{{data}} {spec}: no such file", params=["data"])
         return _npz_feeds([path])
     if ":" not in spec:
         raise UserError(
-            f"--data {spec}: no such file or directory (expected FILE.py:FUNCTION, DIR or FILE.npz)"
+            f"{{data}} {spec}: no such file or directory (expected FILE.py:FUNCTION, DIR or FILE.npz)",
+            params=["data"],
         )
-    fn = load_callable(spec, "--data")
+    fn = load_callable(spec, "data")
     return _guarded(fn, spec)
 
 
@@ -206,7 +210,9 @@ def _guarded(fn: Callable[[], Any], spec: str) -> Iterator[Any]:
     except UserError:
         raise
     except Exception as exc:
-        raise UserError(f"--data {spec}: {type(exc).__name__}: {_line(exc)}") from None
+        raise UserError(
+            f"{{data}} {spec}: {type(exc).__name__}: {one_line(exc, 300)}", params=["data"]
+        ) from None
 
 
 def _npz_feeds(files: list[Path]) -> Iterator[Feed]:
@@ -215,14 +221,9 @@ def _npz_feeds(files: list[Path]) -> Iterator[Feed]:
             with np.load(file, allow_pickle=False) as npz:
                 feed = {key: npz[key] for key in npz.files}
         except (OSError, ValueError) as exc:
-            raise UserError(f"{file}: not a readable .npz file ({_line(exc)})") from None
+            raise UserError(f"{file}: not a readable .npz file ({one_line(exc, 300)})") from None
         yield feed
 
 
 def take(stream: Iterable[Feed], n: int | None) -> Iterator[Feed]:
     return iter(stream) if n is None else itertools.islice(stream, n)
-
-
-def _line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0][:300] if lines else ""

@@ -23,13 +23,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lc_onnx import io
-from lc_onnx.calibration import session as sessions
+from lc_onnx import io, runtime
 from lc_onnx.calibration.data import Feed
 from lc_onnx.calibration.fits import Calibration
+from lc_onnx.calibration.stats import needs_fit
 from lc_onnx.decide import Options
 from lc_onnx.errors import UserError
-from lc_onnx.report import OutputError, Verification
+from lc_onnx.pipeline import collapse_graph, site_finder
+from lc_onnx.reasons import Kind, Reason
+from lc_onnx.report import Verification
+from lc_onnx.verify import output_errors
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +66,7 @@ class Trial:
     measured_error: float | None = None
     metric: float | None = None
     accepted: bool = False
-    reason: str = ""
+    reason: Reason | None = None  # FITTED (accepted), FIT_REJECTED or FIT_UNUSED
 
 
 @dataclass
@@ -81,15 +84,12 @@ class Selection:
 
 def candidates(loaded: io.LoadedModel, calibration: Calibration) -> list[Trial]:
     """One trial per collapsible site whose non-exact steps all have fits, cheapest estimate first."""
-    from lc_onnx.calibration.stats import _needs_fit
-    from lc_onnx.pipeline import site_finder
-
     finder = site_finder(loaded)
     trials = []
     for site in finder.sites():
         if site.problems:
             continue
-        keys = tuple(s.key for s in site.steps if _needs_fit(s, finder.constants))
+        keys = tuple(s.key for s in site.steps if needs_fit(s, finder.constants))
         if keys and all(k in calibration.fits for k in keys):
             estimate = math.sqrt(sum(calibration.fits[k].estimated_error ** 2 for k in keys))
             trials.append(Trial(keys, estimate))
@@ -102,52 +102,36 @@ class _Measurer:
 
     def __init__(self, loaded: io.LoadedModel, feeds: Sequence[Feed], budget: Budget, allow_growth: bool):
         self.loaded, self.feeds, self.budget, self.allow_growth = loaded, list(feeds), budget, allow_growth
-        original = sessions.make_session(loaded.proto, loaded.base_dir)
+        original = runtime.session(loaded.proto, base_dir=loaded.base_dir)
         self.names = [o.name for o in original.get_outputs()]
-        self.reference = (
-            [sessions.run(original, f, self.names) for f in self.feeds] if budget.metric is None else []
-        )
+        self.reference = [self._run(original, f) for f in self.feeds] if budget.metric is None else []
         self.reference_metric = self._metric(original) if budget.metric is not None else None
 
     def _metric(self, session) -> float:
-        value = self.budget.metric(lambda feed: sessions.run(session, feed))
+        value = self.budget.metric(lambda feed: runtime.run(session, feed, on="the metric's data"))
         try:
             return float(value)
         except (TypeError, ValueError):
-            raise UserError(f"--metric returned {type(value).__name__}, expected a number") from None
+            raise UserError(
+                f"{{metric}} returned {type(value).__name__}, expected a number", params=["metric"]
+            ) from None
+
+    def _run(self, session, feed: Feed) -> dict[str, np.ndarray]:
+        return runtime.run(session, feed, self.names, on="the calibration data")
 
     def measure(self, fits: Mapping) -> tuple[Verification, float | None, list[str]]:
         """The candidate with `fits`: its output errors, its metric (with a metric budget) and the nodes
         of the sites that collapsed."""
-        from lc_onnx.pipeline import collapse_graph
-
         rewritten = collapse_graph(
             self.loaded, Options(threshold=0.0, allow_growth=self.allow_growth, fits=fits)
         )
         collapsed = [n for s in rewritten.sites if s.decision == "collapsed" for n in s.nodes]
         proto = rewritten.proto if rewritten.proto is not None else self.loaded.proto
-        session = sessions.make_session(proto, self.loaded.base_dir)
+        session = runtime.session(proto, base_dir=self.loaded.base_dir)
         if self.budget.metric is not None:
             return Verification(), self._metric(session), collapsed
-        actual = [sessions.run(session, f, self.names) for f in self.feeds]
+        actual = [self._run(session, f) for f in self.feeds]
         return output_errors(self.names, self.reference, actual), None, collapsed
-
-
-def output_errors(names: Sequence[str], expected: Sequence[dict], actual: Sequence[dict]) -> Verification:
-    """`max_abs` and `rel_l2` per output, accumulated over all feeds in float64 (as `verify.compare`)."""
-    outputs = {}
-    for name in names:
-        max_abs, diff_sq, ref_sq = 0.0, 0.0, 0.0
-        for ref_run, got_run in zip(expected, actual):
-            ref = np.asarray(ref_run[name], np.float64)
-            diff = np.asarray(got_run[name], np.float64) - ref
-            if diff.size:
-                max_abs = max(max_abs, float(np.max(np.abs(diff))))
-            diff_sq += float(np.vdot(diff, diff))
-            ref_sq += float(np.vdot(ref, ref))
-        rel = math.sqrt(diff_sq / ref_sq) if ref_sq > 0 else (0.0 if diff_sq == 0 else math.inf)
-        outputs[name] = OutputError(max_abs=max_abs, rel_l2=rel)
-    return Verification(outputs=outputs, feeds=len(expected))
 
 
 def select(
@@ -215,7 +199,12 @@ def _record(
     trial.measured_error = verification.worst_rel_l2 if verification.outputs else None
     trial.metric = metric
     if ok and not any(k in collapsed for k in trial.keys):
-        trial.accepted, trial.reason = False, "fit not used: the site does not collapse (see its reason)"
+        trial.accepted = False
+        trial.reason = Reason(Kind.FIT_UNUSED, "fit not used: the site does not collapse (see its reason)")
         return
     trial.accepted = ok
-    trial.reason = ("fit accepted: " if ok else "fit rejected: ") + why
+    trial.reason = (
+        Reason(Kind.FITTED, f"fit accepted: {why}")
+        if ok
+        else Reason(Kind.FIT_REJECTED, f"fit rejected: {why}")
+    )

@@ -20,11 +20,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 
-from lc_onnx import io
-from lc_onnx.calibration import session as sessions
+from lc_onnx import io, runtime
 from lc_onnx.calibration.data import Feed
-from lc_onnx.sites import Constants, Site, Step
+from lc_onnx.constants import Constants
+from lc_onnx.sites import Site, Step
 
 log = logging.getLogger(__name__)
 
@@ -125,14 +126,15 @@ def probes_for(sites: Iterable[Site], constants: Constants) -> list[Probe]:
             row_energy += (w * w).sum(axis=1)
         outputs = tuple(c.output.name for c in site.consumers)
         for step in site.steps:
-            if _needs_fit(step, constants) and step.key not in found:
+            if needs_fit(step, constants) and step.key not in found:
                 found[step.key] = Probe(
                     step.key, step.op, step.input.name, step.output.name, d_h, row_energy, outputs
                 )
     return list(found.values())
 
 
-def _needs_fit(step: Step, constants: Constants) -> bool:
+def needs_fit(step: Step, constants: Constants) -> bool:
+    """Whether the step is not exactly linear as it stands, so only a fit can make it so."""
     if step.kind == "nonlinear":
         return True
     if step.kind == "slope":
@@ -146,14 +148,12 @@ def collect(loaded: io.LoadedModel, probes: Sequence[Probe], feeds: Iterable[Fee
     stats = Statistics({p.key: p for p in probes}, {p.key: Moments(p.channels) for p in probes}, {})
     names = list(dict.fromkeys([t for p in probes for t in (p.input, p.output, *p.consumer_outputs)]))
     stats.energy = {name: 0.0 for p in probes for name in p.consumer_outputs}
-    session = (
-        sessions.make_session(sessions.with_outputs(loaded.proto, names), loaded.base_dir) if probes else None
-    )
+    session = runtime.session(with_outputs(loaded.proto, names), base_dir=loaded.base_dir) if probes else None
     for feed in feeds:
         stats.batches += 1
         if session is None:
             continue
-        values = sessions.run(session, feed, names)
+        values = runtime.run(session, feed, names, on="the calibration data")
         for probe in probes:
             h, y = values[probe.input], values[probe.output]
             if h.shape != y.shape or h.shape[-1:] != (probe.channels,):
@@ -167,3 +167,16 @@ def collect(loaded: io.LoadedModel, probes: Sequence[Probe], feeds: Iterable[Fee
         del values
     log.info("calibration statistics: %d probe(s) over %d batch(es)", len(probes), stats.batches)
     return stats
+
+
+def with_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of `proto` whose graph also outputs the tensors `names` (types inferred by onnxruntime).
+    External tensors stay references, so the copy is small."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    existing = {o.name for o in out.graph.output}
+    for name in names:
+        if name not in existing:
+            out.graph.output.append(onnx.ValueInfoProto(name=name))
+            existing.add(name)
+    return out

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lc_onnx.commands.common import FLAGS  # noqa: F401  (how errors spell the parameters)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, help="the .onnx model to calibrate")

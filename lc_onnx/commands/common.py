@@ -1,11 +1,15 @@
-"""Options and helpers shared by the commands that fuse (`fuse`, `inspect`, `demo`)."""
+"""Options and helpers shared by the commands that fuse (`fuse`, `inspect`, `demo`, `calibrate`)."""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from typing import Any
 
 from lc_onnx.errors import UserError
+
+# How these commands spell the library's parameters where it is not `--name-with-dashes`.
+FLAGS = {"input_shapes": "--input-shape", "spec": "--data"}
 
 
 def add_fuse_options(parser: argparse.ArgumentParser) -> None:
@@ -30,9 +34,26 @@ def add_fuse_options(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def fuse_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    from lc_onnx.runtime import parse_input_shapes
+def parse_input_shapes(specs: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """Parse `name:1x3x224x224` specs (as given to `--input-shape`)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs:
+        name, sep, dims = spec.rpartition(":")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shape = tuple(int(d) for d in dims.lower().split("x")) if dims else ()
+            if any(d < 0 for d in shape):
+                raise ValueError
+        except ValueError:
+            raise UserError(
+                f"--input-shape {spec!r}: expected NAME:DxDx... (for example x:1x3x224x224)"
+            ) from None
+        shapes[name] = shape
+    return shapes
 
+
+def fuse_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "threshold": args.threshold,
         "max_error": args.max_error,
@@ -72,7 +93,7 @@ def calibration_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if args.fits is not None:
         kwargs["fits"] = args.fits
     if args.metric is not None:
-        kwargs["metric"] = load_callable(args.metric, "--metric")
+        kwargs["metric"] = load_callable(args.metric, "metric")
     if args.max_drop is not None:
         kwargs["max_drop"] = args.max_drop
     if args.calib_batches is not None:

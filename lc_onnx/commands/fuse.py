@@ -21,6 +21,8 @@ from lc_onnx import files
 from lc_onnx.commands import common
 from lc_onnx.errors import UserError
 
+FLAGS = {**common.FLAGS, "repo_dir": "--triton-repo"}
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, help="the .onnx model to fuse")
@@ -38,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lc_onnx.pipeline import fuse
+    from lc_onnx.api import fuse
     from lc_onnx.report import summary
 
     output = None if args.dry_run else (args.output or default_output(args.model))

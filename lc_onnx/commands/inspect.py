@@ -10,6 +10,8 @@ from pathlib import Path
 
 from lc_onnx.commands import common
 
+FLAGS = common.FLAGS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, help="the .onnx model to inspect")

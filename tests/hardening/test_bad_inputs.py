@@ -15,6 +15,7 @@ import onnx
 import pytest
 
 from lc_onnx import cli, runtime
+from lc_onnx.commands.common import parse_input_shapes
 from tests.hardening.corpus import ERRORS, OUTPUTS, Invocation
 
 REPO = Path(__file__).resolve().parents[2]
@@ -109,13 +110,13 @@ def _passes_checker(model: onnx.ModelProto) -> bool:
 
 def _shapes(args: list[str]) -> dict[str, tuple[int, ...]]:
     specs = [args[i + 1] for i, a in enumerate(args) if a == "--input-shape"]
-    return runtime.parse_input_shapes(specs)
+    return parse_input_shapes(specs)
 
 
 def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     """onnxruntime, or onnx's reference evaluator where onnxruntime has no kernel (bf16, custom domains)."""
     try:
-        session = runtime.make_session(model.SerializeToString(), optimization="disable")
+        session = runtime.session(model.SerializeToString(), optimization="disable")
     except Exception:
         from onnx.reference import ReferenceEvaluator
 

@@ -172,7 +172,7 @@ def build(chain: Chain) -> onnx.ModelProto:
 
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    return runtime.make_session(model.SerializeToString(), optimization="disable").run(None, feeds)
+    return runtime.session(model.SerializeToString(), optimization="disable").run(None, feeds)
 
 
 def weights(model: onnx.ModelProto) -> int:

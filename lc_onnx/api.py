@@ -1,0 +1,84 @@
+"""The public facade: `fuse` and `calibrate`, as `import lc_onnx` offers them.
+
+`fuse` is the graph pass (`lc_onnx.pipeline.fuse`) when it is given nothing but the pass's own options,
+and the calibrated fuse (`lc_onnx.calibration.fuse_calibrated`: fit, select within a budget, fuse) when
+it is given calibration data, a metric, or fits to choose from. This module is the only place that
+decides between the two; the pass itself never knows calibration exists.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+
+from lc_onnx.algebra import ChannelAffine
+from lc_onnx.calibration import Calibration, calibrate, fuse_calibrated
+from lc_onnx.pipeline import FuseResult
+from lc_onnx.pipeline import fuse as fuse_graph
+
+__all__ = ["FuseResult", "calibrate", "fuse"]
+
+
+def fuse(
+    model: str | os.PathLike | onnx.ModelProto,
+    *,
+    output: str | os.PathLike | None = None,
+    threshold: float = 0.05,
+    max_error: float = 1e-2,
+    max_abs_error: float | None = None,
+    verify: bool = True,
+    allow_growth: bool = False,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    feeds: Iterable[Mapping[str, np.ndarray]] | None = None,
+    fits: Mapping[str, ChannelAffine] | Calibration | str | os.PathLike | None = None,
+    data: Any = None,
+    metric: Callable[..., float] | None = None,
+    max_drop: float | None = None,
+    calib_batches: int | None = None,
+) -> FuseResult:
+    """Collapse every qualifying Linear -> linear activation -> Linear of `model` and verify the result.
+
+    Args:
+        model: a path to an `.onnx` file (its external data stays on disk) or an in-memory `ModelProto`.
+        output: where to write the fused model (atomically, after verification); None keeps it in memory.
+        threshold: PRelu/LeakyRelu slopes within this distance of 1 count as the identity.
+        max_error: largest allowed relative L2 error of any output; beyond it `VerificationError`.
+        max_abs_error: also a largest allowed absolute error of any output element (None: no limit).
+        verify: run original and fused in onnxruntime (strongly recommended).
+        allow_growth: collapse even when the single layer has more weights than the ones it replaces.
+        input_shapes: concrete shapes for graph inputs (dynamic dims default to 2); sets verification and
+            MAC-count shapes.
+        feeds: verification inputs (`{input name: array}` per run) instead of random data.
+        fits: a mapping `{step: ChannelAffine}` applies those per-channel maps `a ⊙ h + c` as given (the
+            pass alone); a `Calibration` or a fits file (`lc-onnx calibrate -o`) is a set of candidates
+            for the calibrated fuse below (with `data`: selected on its held-out feeds; without: all
+            applied).
+        data: calibration feeds (an iterable of `{input: array}` or a `CalibrationDataReader`): fit every
+            activation, keep the fits whose sites keep the model within `max_error` (or `metric` within
+            `max_drop`) on held-out feeds, and verify on those feeds; `threshold` and `feeds` are then
+            not used (see `lc_onnx.calibration`).
+        metric: `metric(run) -> float`, higher is better, where `run(feed)` returns the model's outputs;
+            with `max_drop`, the budget instead of `max_error`.
+        calib_batches: fit on the first N feeds of `data` and hold out the next ones (default: every
+            fourth feed is held out).
+
+    Raises:
+        UserError: the model cannot be read or written, or the options do not fit it.
+        VerificationError: the fused model deviates more than `max_error` (nothing is written).
+    """
+    common = dict(
+        output=output, max_error=max_error, max_abs_error=max_abs_error, verify=verify,
+        allow_growth=allow_growth, input_shapes=input_shapes,
+    )  # fmt: skip
+    calibrated = (
+        data is not None or metric is not None or (fits is not None and not isinstance(fits, Mapping))
+    )
+    if not calibrated:
+        return fuse_graph(model, threshold=threshold, feeds=feeds, fits=fits, **common)
+    return fuse_calibrated(
+        model, data=data, fits=fits, metric=metric, max_drop=max_drop, calib_batches=calib_batches, **common
+    )
