@@ -18,16 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
 
+from lc_onnx import io, runtime
 from lc_onnx.errors import UserError
 from lc_onnx.macs import count_macs
 
 __all__ = ["BatchRun", "BenchConfig", "Timing", "bench_models", "make_feeds", "make_session"]
 
 logger = logging.getLogger(__name__)
-
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 _NUMPY_TYPES = {
     "tensor(float)": np.float32,
@@ -51,12 +49,20 @@ class BenchConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.provider not in PROVIDERS:
-            raise UserError(f"unknown provider {self.provider!r}; choose from {', '.join(PROVIDERS)}")
+        if self.provider not in runtime.PROVIDERS:
+            raise UserError(
+                f"unknown {{provider}} {self.provider!r}; choose from {', '.join(runtime.PROVIDERS)}",
+                params=["provider"],
+            )
         if not self.batches or min(self.batches) < 1:
-            raise UserError(f"batch sizes must be positive integers, got {list(self.batches)}")
+            raise UserError(
+                f"{{batches}} must be positive integers, got {list(self.batches)}", params=["batches"]
+            )
         if self.threads < 1 or self.runs < 1 or self.warmup < 0:
-            raise UserError("--threads and --runs must be at least 1 and --warmup at least 0")
+            raise UserError(
+                "{threads} and {runs} must be at least 1 and {warmup} at least 0",
+                params=["threads", "runs", "warmup"],
+            )
 
 
 @dataclass(frozen=True)
@@ -97,52 +103,17 @@ class BatchRun:
     load_average: tuple[float, float] | None = None
 
 
-def _session_options(threads: int, profile_prefix: str | None = None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    if profile_prefix is not None:
-        options.enable_profiling = True
-        options.profile_file_prefix = profile_prefix
-    return options
-
-
-def check_provider(provider: str) -> None:
-    """Raise a one-line `UserError` unless this onnxruntime build offers the provider."""
-    import onnxruntime as ort
-
-    name = PROVIDERS[provider]
-    available = ort.get_available_providers()
-    if name not in available:
-        raise UserError(
-            f"{name} is not available in this onnxruntime {ort.__version__} build "
-            f"(available: {', '.join(available)}); "
-            "pip install 'lc-onnx[gpu]' (onnxruntime-gpu, with a matching CUDA) in place of onnxruntime"
-        )
-
-
 def make_session(path: Path, provider: str, threads: int, profile_prefix: str | None = None):
-    """An `InferenceSession` with the benchmark's fixed options on exactly the requested provider."""
-    import onnxruntime as ort
-
-    check_provider(provider)
-    name = PROVIDERS[provider]
-    try:
-        session = ort.InferenceSession(
-            str(path), sess_options=_session_options(threads, profile_prefix), providers=[name]
-        )
-    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types for bad files
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"onnxruntime cannot load {path}: {message}") from exc
-    if session.get_providers()[0] != name:
-        # The CUDA provider falls back to CPU silently when its libraries fail to load.
-        raise UserError(f"{name} failed to initialise for {path} (session runs on {session.get_providers()})")
-    return session
+    """A session with the benchmark's fixed options (`ORT_ENABLE_ALL`, `threads` intra-op threads, one
+    inter-op thread, sequential) on exactly the requested provider."""
+    return runtime.session(
+        path,
+        provider=provider,
+        threads=threads,
+        optimization="all",
+        profile_prefix=profile_prefix,
+        name=str(path),
+    )
 
 
 def _input_signature(session) -> list[tuple[str, list[int | str | None], str]]:
@@ -218,16 +189,6 @@ def _load_average() -> float | None:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
-def load_graph(path: Path) -> onnx.ModelProto:
-    """The model's graph without tensor data (enough for MAC counting), or a one-line `UserError`."""
-    if not path.is_file():
-        raise UserError(f"no such model file: {path}")
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf DecodeError and friends
-        raise UserError(f"{path} is not a readable ONNX model ({type(exc).__name__})") from exc
-
-
 def bench_models(
     models: Mapping[str, Path],
     config: BenchConfig,
@@ -247,8 +208,8 @@ def bench_models(
         UserError: a model cannot be read or loaded, the models' inputs differ, or the provider is
             unavailable.
     """
-    check_provider(config.provider)
-    graphs = {label: load_graph(Path(path)) for label, path in models.items()}
+    runtime.check_provider(config.provider)
+    graphs = {label: io.load(path).proto for label, path in models.items()}  # weights stay on disk
     sessions = {label: make_session(Path(p), config.provider, config.threads) for label, p in models.items()}
     labels = list(models)
     reference = _input_signature(sessions[labels[0]])

@@ -120,7 +120,7 @@ def test_cuda_without_cuda_is_one_line_exit_2(models, capsys) -> None:
 @pytest.mark.parametrize(
     ("a", "b", "extra", "message"),
     [
-        ("a", "missing", [], "no such model file"),
+        ("a", "missing", [], "missing.onnx: no such file"),
         ("a", "other_input", [], "different inputs"),
         ("a", "fixed", ["--batch", "8"], "fixed batch dim 1"),
         ("a", "b", ["--json", "/nonexistent/dir/r.json"], "output directory does not exist"),

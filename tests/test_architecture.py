@@ -1,0 +1,151 @@
+"""The layers of lc_onnx call downward only, and no modules import each other in a cycle.
+
+Every import of every module is read with `ast`, imports inside functions included (lazy imports are
+still dependencies). The layers, bottom to top (README, "Architecture"):
+
+1. files, errors, wire, io, runtime, macs, demo: reading and writing models, sessions, counting;
+2. the pass: constants, activations, sites, decide, algebra, rewrite, verify, report, reasons, pipeline
+   (and testing, the test helpers over it);
+3. calibration, bench, deploy: each uses 1-2, never another's modules;
+4. the facade (`lc_onnx`, `lc_onnx.api`) and `lc_onnx.torch`;
+5. commands and cli: the only place that knows flag names.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "lc_onnx"
+
+LAYERS = {
+    1: ["files", "errors", "wire", "io", "runtime", "macs", "demo"],
+    2: [
+        "constants",
+        "activations",
+        "sites",
+        "decide",
+        "algebra",
+        "rewrite",
+        "verify",
+        "report",
+        "reasons",
+        "pipeline",
+        "testing",
+    ],  # fmt: skip
+    3: ["calibration", "bench", "deploy"],
+    4: ["__init__", "api", "torch"],
+    5: ["commands", "cli"],
+}
+PEERS_APART = {"calibration", "bench", "deploy"}  # layer 3: none imports another
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def top(module: str) -> str:
+    """The first name below `lc_onnx` ("__init__" for the package itself)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def layer(module: str) -> int:
+    return next(n for n, tops in LAYERS.items() if top(module) in tops)
+
+
+def imports(module: str) -> set[str]:
+    """The lc_onnx modules `module` imports, anywhere in its body."""
+    tree = ast.parse(MODULES[module].read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against the importing module's package
+                package = module if MODULES[module].name == "__init__.py" else module.rpartition(".")[0]
+                for _ in range(node.level - 1):
+                    package = package.rpartition(".")[0]
+                base = f"{package}.{base}" if base else package
+            names = [
+                f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base for alias in node.names
+            ]
+        else:
+            continue
+        found.update(name for name in names if name == "lc_onnx" or name.startswith("lc_onnx."))
+    return {name for name in found if name in MODULES and name != module}
+
+
+GRAPH = {module: imports(module) for module in MODULES}
+
+
+def test_every_module_has_a_layer():
+    assert [m for m in MODULES if not any(top(m) in tops for tops in LAYERS.values())] == []
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_imports_point_down(module):
+    upward = sorted(dep for dep in GRAPH[module] if layer(dep) > layer(module))
+    assert upward == [], f"{module} (layer {layer(module)}) imports upward"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if top(m) in PEERS_APART))
+def test_calibration_bench_and_deploy_stay_apart(module):
+    others = sorted(dep for dep in GRAPH[module] if top(dep) in PEERS_APART - {top(module)})
+    assert others == []
+
+
+def test_the_pass_never_names_calibration():
+    for module in (m for m in MODULES if layer(m) <= 2):
+        assert "calibration" not in {top(dep) for dep in GRAPH[module]}, module
+
+
+def test_no_import_cycles():
+    # Tarjan's strongly connected components; any component of two or more modules is a cycle.
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in GRAPH[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for module in GRAPH:
+        if module not in index:
+            visit(module)
+    assert cycles == []
+
+
+def test_only_the_session_factory_opens_onnxruntime_sessions():
+    openers = sorted(m for m, path in MODULES.items() if "InferenceSession(" in path.read_text())
+    assert openers == ["lc_onnx.runtime"]
+
+
+def test_no_graphsurgeon_private_attributes():
+    private = sorted(
+        m for m, path in MODULES.items() if "._values" in path.read_text() or "LazyValues" in path.read_text()
+    )
+    assert private == []
