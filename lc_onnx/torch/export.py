@@ -11,7 +11,6 @@ import contextlib
 import io
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,32 +47,40 @@ def export_onnx(
     input_names = ["input"] + [f"input_{i}" for i in range(1, len(inputs))]
     was_training = model.training
     model.eval()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        kwargs: dict = {"input_names": input_names, "output_names": ["output"], "opset_version": OPSET}
-        if dynamo:
-            if dynamic_batch:
-                batch = torch.export.Dim("batch")
-                kwargs["dynamic_shapes"] = tuple({0: batch} for _ in inputs)
-            # The dynamo exporter prints progress lines on stdout; library code must not.
-            with contextlib.redirect_stdout(io.StringIO()):
-                program = torch.onnx.export(model, inputs, dynamo=True, verbose=False, **kwargs)
-            # Tensors inline in the .onnx file: the models this is for are far below 2 GiB.
-            program.save(tmp, external_data=False)
-        else:
-            if dynamic_batch:
-                kwargs["dynamic_axes"] = {name: {0: "batch"} for name in [*input_names, "output"]}
-            with warnings.catch_warnings():
-                # Tracing warns about every Python branch on shapes in timm's forward; they are harmless
-                # for a fixed architecture and would bury real warnings.
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                torch.onnx.export(model, inputs, tmp, dynamo=False, **kwargs)
-        files.make_public(tmp)
-        os.replace(tmp, path)
+        with files.atomic_path(path) as tmp:
+            _export(model, inputs, tmp, input_names, dynamo=dynamo, dynamic_batch=dynamic_batch)
     finally:
         model.train(was_training)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
     logger.info("exported %s (%s exporter)", path, "dynamo" if dynamo else "TorchScript")
     return path
+
+
+def _export(
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    path: Path,
+    input_names: list[str],
+    *,
+    dynamo: bool,
+    dynamic_batch: bool,
+) -> None:
+    """Run the chosen torch exporter on `model`, writing the ONNX file `path`."""
+    kwargs: dict = {"input_names": input_names, "output_names": ["output"], "opset_version": OPSET}
+    if dynamo:
+        if dynamic_batch:
+            batch = torch.export.Dim("batch")
+            kwargs["dynamic_shapes"] = tuple({0: batch} for _ in inputs)
+        # The dynamo exporter prints progress lines on stdout; library code must not.
+        with contextlib.redirect_stdout(io.StringIO()):
+            program = torch.onnx.export(model, inputs, dynamo=True, verbose=False, **kwargs)
+        # Tensors inline in the .onnx file: the models this is for are far below 2 GiB.
+        program.save(str(path), external_data=False)
+    else:
+        if dynamic_batch:
+            kwargs["dynamic_axes"] = {name: {0: "batch"} for name in [*input_names, "output"]}
+        with warnings.catch_warnings():
+            # Tracing warns about every Python branch on shapes in timm's forward; they are harmless
+            # for a fixed architecture and would bury real warnings.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            torch.onnx.export(model, inputs, str(path), dynamo=False, **kwargs)
