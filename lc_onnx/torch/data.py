@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from lc_onnx.errors import UserError
+from lc_onnx.errors import UserError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +42,8 @@ def load(dataset: str, img_size: int) -> Splits:
 def digits(img_size: int = 16) -> Splits:
     """The 1797 8x8 digits of `sklearn.datasets.load_digits` (bundled, no download), bilinearly upsampled.
 
-    The train/test split is fixed (stratified, 20 % test, seed 0: 1437 / 360 images) whatever `--seed`
-    is, so runs with different seeds are evaluated on the same images.
+    The train/test split is fixed (stratified, 20 % test, seed 0: 1437 / 360 images) whatever the
+    seed is, so runs with different seeds are evaluated on the same images.
     """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -72,7 +72,7 @@ def image_folder(root: Path, img_size: int) -> Splits:
     from torchvision import datasets, transforms
 
     if not root.is_dir():
-        raise UserError(f"--dataset {root}: not 'digits' and not a directory")
+        raise UserError(f"{{dataset}} {root}: not 'digits' and not a directory", params=["dataset"])
     tf = transforms.Compose(
         [
             transforms.Resize((img_size, img_size)),
@@ -85,13 +85,18 @@ def image_folder(root: Path, img_size: int) -> Splits:
         try:
             return datasets.ImageFolder(str(path), transform=tf)
         except (FileNotFoundError, RuntimeError) as exc:  # no class folders / no images
-            raise UserError(f"--dataset {path}: not an ImageFolder ({exc})") from None
+            raise UserError(
+                f"{{dataset}} {path}: not an ImageFolder ({one_line(exc)})", params=["dataset"]
+            ) from None
 
     for train_name, test_name in _SPLIT_NAMES:
         if (root / train_name).is_dir() and (root / test_name).is_dir():
             train, test = folder(root / train_name), folder(root / test_name)
             if train.classes != test.classes:
-                raise UserError(f"--dataset {root}: {train_name}/ and {test_name}/ have different classes")
+                raise UserError(
+                    f"{{dataset}} {root}: {train_name}/ and {test_name}/ have different classes",
+                    params=["dataset"],
+                )
             return Splits(train, test, len(train.classes))
     full = folder(root)
     n_test = max(1, round(len(full) * DIGITS_TEST_FRACTION))

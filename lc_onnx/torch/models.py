@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from lc_onnx.errors import UserError
+from lc_onnx.errors import UserError, one_line
 
 VGG_MLP = "vgg-mlp"
 
@@ -63,11 +63,11 @@ def build_model(
         try:
             return VGGMlp(num_classes=num_classes, **kwargs)
         except TypeError as exc:
-            raise UserError(f"--model {VGG_MLP}: {exc}") from None
+            raise UserError(f"{{model}} {VGG_MLP}: {one_line(exc)}", params=["model"]) from None
     import timm
 
     if not timm.is_model(name):
-        raise UserError(f"--model {name}: not a timm model name nor {VGG_MLP!r}")
+        raise UserError(f"{{model}} {name}: not a timm model name nor {VGG_MLP!r}", params=["model"])
     try:
         try:
             return timm.create_model(
@@ -79,8 +79,11 @@ def build_model(
             # Convolutional timm models take any input size and have no img_size argument.
             return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
     except TypeError as exc:
-        raise UserError(f"--model {name}: {exc}") from None
+        raise UserError(f"{{model}} {name}: {one_line(exc)}", params=["model"]) from None
     except (OSError, RuntimeError) as exc:
         if pretrained:
-            raise UserError(f"--model {name} --pretrained: cannot get the weights ({exc})") from None
+            raise UserError(
+                f"{{model}} {name} {{pretrained}}: cannot get the weights ({one_line(exc)})",
+                params=["model", "pretrained"],
+            ) from None
         raise
