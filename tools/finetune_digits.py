@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 
 from lc_onnx.torch import collapsible, data, models
+from lc_onnx.torch.checkpoint import load_checkpoint
 from lc_onnx.torch.distill import collapsed_student, distill
-from lc_onnx.torch.train import FinetuneConfig, finetune, load_checkpoint
+from lc_onnx.torch.recipe import FinetuneConfig, finetune
 
 VIT = "vit_tiny_patch16_224"
 VIT_ARGS = {"patch_size": 4, "depth": 6, "embed_dim": 64, "num_heads": 4}

@@ -21,7 +21,11 @@ import argparse
 import json
 from pathlib import Path
 
-from lc_onnx.errors import UserError
+from lc_onnx.errors import UserError, one_line
+
+# How this command spells the library's parameters where it is not `--name-with-dashes`
+# (`FinetuneConfig.fractions` is given one `--fraction` flag with several values).
+FLAGS = {"fractions": "--fraction"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,9 +89,9 @@ def parse_model_args(items: list[str]) -> dict[str, object]:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from lc_onnx.torch.train import FinetuneConfig, finetune
+        from lc_onnx.torch.recipe import FinetuneConfig, finetune
     except ImportError as exc:
-        raise UserError(f"needs the torch extra: pip install 'lc-onnx[torch]' ({exc})") from None
+        raise UserError(f"needs the torch extra: pip install 'lc-onnx[torch]' ({one_line(exc)})") from None
 
     cfg = FinetuneConfig(
         model=args.model,

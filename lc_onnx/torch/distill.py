@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 
 from lc_onnx.torch import collapsible
 from lc_onnx.torch.data import Splits
-from lc_onnx.torch.train import accuracy, cosine, count_params, make_optimizer, set_lr_scale, train_epoch
+from lc_onnx.torch.evaluate import accuracy, count_params, torch_predict
+from lc_onnx.torch.loop import cosine, make_optimizer, set_lr_scale, train_epoch
 
 
 def collapsed_student(build: Callable[[], nn.Module], fraction: float = 1.0) -> nn.Module:
@@ -69,7 +70,7 @@ def distill(
         train_epoch(student, student, loader, opt, loss_fn, device)
     seconds = time.perf_counter() - started
     return {
-        "accuracy": accuracy(student, splits.test, device),
+        "accuracy": accuracy(torch_predict(student, device), splits.test),
         "params": count_params(student),
         "seconds": seconds,
     }

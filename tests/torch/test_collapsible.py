@@ -10,7 +10,7 @@ timm = pytest.importorskip("timm")
 from timm.layers import LayerNorm, Mlp, SwiGLU  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lc_onnx.torch import collapse, collapse_penalty, find_blocks, make_collapsible, slopes  # noqa: E402
+from lc_onnx.torch import collapse, collapse_penalty, collapsible, find_blocks, make_collapsible, slopes  # noqa: E402
 from tests.torch import models  # noqa: E402
 
 MIXER_ALL = [f"blocks.{i}.{kind}.act" for i in range(3) for kind in ("mlp_tokens", "mlp_channels")]
@@ -262,3 +262,17 @@ def test_collapse_uses_float64_for_large_widths():
         err = _rel_l2(model(x).double(), exact)
     assert err <= 1e-6
     assert math.isclose(_params(model), 256 * 256 + 256)
+
+
+def test_penalty_training_drives_slopes_to_collapse():
+    """A few hundred steps of penalty alone (λ large) bring the slope within the threshold."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2))
+    make_collapsible(model)
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(100):
+        opt.zero_grad()
+        (model(torch.randn(16, 4)).pow(2).mean() * 0 + 10 * collapsible.collapse_penalty(model)).backward()
+        opt.step()
+    assert abs(model[1].weight.item() - 1) <= 0.05
+    assert collapse(model) == ["0"]

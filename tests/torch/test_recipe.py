@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 import subprocess
 
@@ -12,102 +11,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
 pytest.importorskip("sklearn")
 
-from torch import nn  # noqa: E402
-
 from lc_onnx.cli import main  # noqa: E402
 from lc_onnx.errors import UserError  # noqa: E402
-from lc_onnx.torch import collapse, collapsible, make_collapsible  # noqa: E402
-from lc_onnx.torch.data import digits  # noqa: E402
-from lc_onnx.torch.train import Schedule, Structure, load_checkpoint, save_checkpoint  # noqa: E402
-from tests.torch import models  # noqa: E402
-
-
-def test_digits_split_is_fixed_and_upsampled():
-    splits = digits(16)
-    assert (len(splits.train), len(splits.test), splits.num_classes) == (1437, 360, 10)
-    x, y = splits.test[0]
-    assert x.shape == (3, 16, 16)
-    assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0
-    assert torch.equal(digits(16).test.tensors[1], splits.test.tensors[1])
-
-
-@pytest.mark.parametrize("build", [models.vit, models.vgg])
-def test_checkpoint_round_trip_of_partly_collapsed_model(tmp_path, build):
-    torch.manual_seed(0)
-    model = models.randomise(build())
-    make_collapsible(model, per_channel=build is models.vgg)
-    last = collapsible.find_blocks(model)[-1]
-    with torch.no_grad():
-        last.act.weight.fill_(1.0)
-    steps = collapsible.collapse_steps(model, 0.05)
-    assert len(steps) == 1
-    x = models.images(4)
-    with torch.no_grad():
-        expected = model(x)
-    path = tmp_path / "checkpoint.pt"
-    save_checkpoint(path, model, Structure.of(model, [fc1 for fc1, _ in steps]), epoch=3)
-
-    fresh = build().eval()
-    payload = load_checkpoint(path, fresh)
-    assert payload["epoch"] == 3
-    with torch.no_grad():
-        assert torch.equal(fresh(x), expected)
-    assert [type(m) for m in fresh.modules()] == [type(m) for m in model.modules()]
-
-
-def test_checkpoint_is_loaded_with_weights_only(tmp_path):
-    """A checkpoint holding an arbitrary object is refused instead of unpickled."""
-    path = tmp_path / "evil.pt"
-    torch.save({"model": {}, "structure": {}, "obj": Structure()}, path)
-    with pytest.raises(UserError, match="not a readable lc-onnx checkpoint"):
-        load_checkpoint(path, models.vit())
-    # and the reason is the weights-only unpickler, not the content
-    with pytest.raises(pickle.UnpicklingError):
-        torch.load(path, weights_only=True)
-
-
-def test_checkpoint_for_another_model_is_a_user_error(tmp_path):
-    model = models.vit(depth=4)
-    make_collapsible(model, 0.5)
-    save_checkpoint(tmp_path / "c.pt", model, Structure.of(model, []))
-    with pytest.raises(UserError, match="does not fit this model"):
-        load_checkpoint(tmp_path / "c.pt", models.vit(depth=2))
-
-
-def test_chain_collapse_replays_in_order(tmp_path):
-    model = models.randomise(models.vgg())
-    make_collapsible(model, init=1.0)
-    steps = collapsible.collapse_steps(model, 0.05)
-    assert steps == [("classifier.4", "classifier.7"), ("classifier.0", "classifier.4")]
-    assert collapsible.surviving_linears(steps) == ["classifier.0"]
-    save_checkpoint(tmp_path / "c.pt", model, Structure.of(model, [s[0] for s in steps]))
-    fresh = models.vgg().eval()
-    load_checkpoint(tmp_path / "c.pt", fresh)
-    assert fresh.classifier[0].weight.shape == (10, 8)
-
-
-def test_schedule_extends_only_when_stage_collapsed():
-    schedule = Schedule([f"b{i}" for i in range(6)], [0.5, 1.0])
-    assert schedule.targets() == ["b3", "b4", "b5"]
-    assert schedule.advance({"b4", "b5"}) == []
-    assert schedule.advance({"b3", "b4", "b5"}) == ["b0", "b1", "b2"]
-    assert schedule.stage == 1
-    assert schedule.advance({f"b{i}" for i in range(6)}) == []
-
-
-def test_penalty_training_drives_slopes_to_collapse():
-    """A few hundred steps of penalty alone (λ large) bring the slope within the threshold."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2))
-    make_collapsible(model)
-    opt = torch.optim.Adam(model.parameters(), lr=0.02)
-    for _ in range(100):
-        opt.zero_grad()
-        (model(torch.randn(16, 4)).pow(2).mean() * 0 + 10 * collapsible.collapse_penalty(model)).backward()
-        opt.step()
-    assert abs(model[1].weight.item() - 1) <= 0.05
-    assert collapse(model) == ["0"]
-
+from lc_onnx.torch.recipe import FinetuneConfig, finetune  # noqa: E402
 
 SMALL_VIT = ["--model-arg", "depth=2", "--model-arg", "embed_dim=16", "--model-arg", "num_heads=2"]
 SMALL_VIT += ["--model-arg", "patch_size=4", "--model-arg", "mlp_ratio=2"]
@@ -187,6 +93,24 @@ def test_finetune_cli_user_errors(tmp_path, capsys, extra, message):
     assert not out.exists()  # no partial output
 
 
+@pytest.mark.parametrize(
+    ("change", "message", "params"),
+    [
+        ({"fractions": (1.5,)}, "fractions 1.5: must be in [0, 1]", ("fractions",)),
+        ({"fractions": (1.0, 0.5)}, "fractions 1.0 0.5: give fractions in increasing order", ("fractions",)),
+        ({"epochs": 0}, "epochs 0: must be at least 1", ("epochs",)),
+    ],
+)
+def test_finetune_errors_name_parameters_not_flags(tmp_path, change, message, params):
+    """A Python caller reads the `FinetuneConfig` field names; the CLI test above reads the flags."""
+    out = tmp_path / "o"
+    with pytest.raises(UserError) as exc:
+        finetune(FinetuneConfig(model="vgg-mlp", out=out, progress=False, **change))
+    assert str(exc.value) == message
+    assert exc.value.params == params
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("flag", [["--epochs", "x"], ["--lam"], ["--bogus"], []])
 def test_finetune_cli_bad_flags_exit_2(tmp_path, capsys, flag):
     args = ["finetune", *flag] + (["--model", "vgg-mlp", "--out", str(tmp_path)] if flag else [])
@@ -204,17 +128,17 @@ def test_finetune_under_torchrun_env_world_size_1(tmp_path, monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29533")
-    from lc_onnx.torch import train
+    from lc_onnx.torch import loop
 
     seen = []
-    real_wrap = train._wrap
+    real_wrap = loop.wrap
 
     def spy(raw, ctx):
         wrapped = real_wrap(raw, ctx)
         seen.append((ctx.world, type(wrapped).__name__))
         return wrapped
 
-    monkeypatch.setattr(train, "_wrap", spy)
+    monkeypatch.setattr(loop, "wrap", spy)
     out = tmp_path / "ddp"
     args = ["finetune", "--model", "vgg-mlp", "--model-arg", "width=4", "--model-arg", "hidden=16"]
     assert main([*args, "--epochs", "1", "--img-size", "8", "--out", str(out), "--no-progress"]) == 0

@@ -1,0 +1,291 @@
+"""LayerCollapse fine-tuning: task loss + λ·`collapse_penalty`, collapsing blocks as they become linear.
+
+The recipe behind `lc-onnx finetune`. Stage by stage (`schedule`), the targeted MLP blocks get PReLU
+activations; after every epoch but the last, the targeted blocks whose slopes are within `threshold` of
+1 are collapsed into one Linear (and leave the model's trainable parameters), so the following epochs
+train the collapsed model. After the last epoch the model is exported, the remaining linear blocks are
+collapsed in torch and, in the export, by the graph pass (`lc_onnx.fuse`). Blocks still not linear at the
+end stay PReLUs (and `report.json` says so).
+
+One process per device, or several under `torchrun` (see `loop`). Only rank 0 writes files:
+`metrics.jsonl` and `checkpoint.pt` after every epoch, then `model.onnx`, `model.collapsed.onnx` and
+`report.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from lc_onnx import files
+from lc_onnx.errors import UserError
+from lc_onnx.torch import collapsible, data, models
+from lc_onnx.torch.checkpoint import Structure, load_checkpoint, save_checkpoint
+from lc_onnx.torch.evaluate import accuracy, count_params, onnx_predict, torch_predict
+from lc_onnx.torch.export import export_onnx
+from lc_onnx.torch.loop import Dist, LossFn, Trainer, distributed
+from lc_onnx.torch.schedule import Collapsed, Collapser
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+VERIFY_IMAGES = 64
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything one `lc-onnx finetune` run depends on (written into `report.json`)."""
+
+    model: str
+    out: Path
+    dataset: str = "digits"
+    fractions: Sequence[float] = (0.5,)
+    lam: float = 1.0
+    epochs: int = 10
+    threshold: float = 0.05
+    pretrained: bool = False
+    img_size: int = 16
+    seed: int = 0
+    batch_size: int = 64
+    lr: float = 1e-3
+    slope_lr: float = 3e-2
+    weight_decay: float = 0.05
+    init: float | None = None
+    max_error: float = 0.05
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    checkpoint: Path | None = None
+    progress: bool = True
+
+
+@dataclass
+class Training:
+    """What the epochs leave for the end step."""
+
+    accuracy_start: float
+    params_start: int
+    steps: list[str]  # fc1 names collapsed so far, in order (a checkpoint's `Structure.collapsed`)
+    collapsed: list[str]  # activation names of the blocks collapsed during training
+    seconds: float
+
+
+def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Run the whole recipe; rank 0 writes `cfg.out/{model.onnx, model.collapsed.onnx, report.json, ...}`.
+
+    Returns:
+        The report (same content as `report.json`; empty dict on ranks other than 0).
+
+    Raises:
+        UserError: a bad setting (naming the `FinetuneConfig` field), model, dataset or checkpoint.
+    """
+    check_config(cfg)
+    with distributed() as ctx:
+        return _finetune(cfg, ctx)
+
+
+def check_config(cfg: FinetuneConfig) -> None:
+    """Refuse settings the recipe cannot run with (before anything is loaded or written)."""
+    for f in cfg.fractions:
+        if not 0.0 <= f <= 1.0:
+            raise UserError(f"{{fractions}} {f}: must be in [0, 1]", params=["fractions"])
+    if list(cfg.fractions) != sorted(cfg.fractions):
+        raise UserError(
+            f"{{fractions}} {' '.join(map(str, cfg.fractions))}: give fractions in increasing order",
+            params=["fractions"],
+        )
+    if cfg.epochs < 1:
+        raise UserError(f"{{epochs}} {cfg.epochs}: must be at least 1", params=["epochs"])
+
+
+def _finetune(cfg: FinetuneConfig, ctx: Dist) -> dict[str, Any]:
+    started = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    splits = data.load(cfg.dataset, cfg.img_size)
+    model, steps = _build(cfg, splits.num_classes)
+    model.to(ctx.device)
+    collapser = Collapser(model, cfg.fractions, threshold=cfg.threshold, init=cfg.init, steps=steps)
+    if not collapser.schedule.blocks:
+        raise UserError(f"{{model}} {cfg.model}: no collapsible MLP block found", params=["model"])
+    outputs = _Outputs(cfg.out) if ctx.main else None
+    collapser.start()
+    accuracy_start, params_start = _test_accuracy(model, splits.test, ctx), count_params(model)
+    trainer = Trainer(
+        model,
+        ctx,
+        splits.train,
+        _penalised_loss(cfg.lam),
+        lr=cfg.lr,
+        slope_lr=cfg.slope_lr,
+        weight_decay=cfg.weight_decay,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        progress=cfg.progress,
+    )
+    for epoch in range(1, cfg.epochs + 1):
+        row = {"epoch": epoch, **trainer.train(epoch - 1, cfg.epochs)}
+        row.update(_epoch_metrics(model, splits.test, ctx))
+        # Slopes are identical on every rank (DDP keeps parameters in sync), so every rank collapses the
+        # same blocks and the module trees stay equal without communication. After the last epoch the
+        # collapse is left to `_finish`, which measures the model before and after it and has the graph
+        # pass collapse the same blocks in the export.
+        done = collapser.collapse() if epoch < cfg.epochs else None
+        if done is not None:
+            trainer.rebuild()
+            row.update(_collapse_row(done, model, splits.test, ctx))
+        row["params"] = count_params(model)
+        if outputs is not None:
+            outputs.epoch(row, model, collapser.steps)
+            _log_epoch(row)
+    if outputs is None:
+        return {}
+    training = Training(
+        accuracy_start, params_start, collapser.steps, collapser.collapsed, time.perf_counter() - started
+    )
+    return _finish(cfg, model, splits, ctx, training)
+
+
+def _build(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, list[str]]:
+    """The model, loaded from `cfg.checkpoint` when given, and the fc1 names collapsed in it."""
+    model = models.build_model(
+        cfg.model, num_classes, cfg.img_size, pretrained=cfg.pretrained, kwargs=cfg.model_kwargs
+    )
+    if cfg.checkpoint is None:
+        return model, []
+    payload = load_checkpoint(cfg.checkpoint, model)
+    return model, list(payload["structure"]["collapsed"])
+
+
+def _penalised_loss(lam: float) -> LossFn:
+    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits, y) + lam * collapsible.collapse_penalty(model)
+
+    return loss_fn
+
+
+def _test_accuracy(model: nn.Module, test: Dataset, ctx: Dist) -> float | None:
+    """Test accuracy, measured on rank 0 only (None elsewhere)."""
+    return accuracy(torch_predict(model, ctx.device), test) if ctx.main else None
+
+
+def _epoch_metrics(model: nn.Module, test: Dataset, ctx: Dist) -> dict[str, Any]:
+    """The metrics row's penalty, mean slope per PReLU block and test accuracy after an epoch."""
+    with torch.no_grad():
+        penalty = float(collapsible.collapse_penalty(model))
+    slopes = {name: sum(v) / len(v) for name, v in collapsible.slopes(model).items()}
+    return {"penalty": penalty, "slopes": slopes, "test_acc": _test_accuracy(model, test, ctx)}
+
+
+def _collapse_row(done: Collapsed, model: nn.Module, test: Dataset, ctx: Dist) -> dict[str, Any]:
+    """The metrics row's record of a collapse: the blocks, the stage it started, the accuracy after it."""
+    row: dict[str, Any] = {"collapsed": done.blocks}
+    if done.stage is not None:
+        row["stage"] = done.stage
+    row["test_acc_after_collapse"] = _test_accuracy(model, test, ctx)
+    return row
+
+
+class _Outputs:
+    """Rank 0's files in the output directory during training: `metrics.jsonl` (emptied at the start, one
+    JSON line per epoch) and `checkpoint.pt` (after every epoch)."""
+
+    def __init__(self, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        self.out = out
+        self.metrics = out / METRICS
+        self.metrics.write_text("")
+
+    def epoch(self, row: Mapping[str, Any], model: nn.Module, steps: Sequence[str]) -> None:
+        with self.metrics.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        save_checkpoint(self.out / CHECKPOINT, model, Structure.of(model, steps), epoch=row["epoch"])
+
+
+def _log_epoch(row: Mapping[str, Any]) -> None:
+    logger.info(
+        "epoch %d: loss %.4f test %.2f%% penalty %.4f params %d%s",
+        row["epoch"],
+        row["train_loss"],
+        row["test_acc"],
+        row["penalty"],
+        row["params"],
+        f" collapsed {row['collapsed']}" if "collapsed" in row else "",
+    )
+
+
+def _finish(
+    cfg: FinetuneConfig, model: nn.Module, splits: data.Splits, ctx: Dist, training: Training
+) -> dict[str, Any]:
+    """Export, collapse in torch, fuse the export, measure both; write `report.json` and the checkpoint."""
+    import lc_onnx
+
+    model.eval()
+    acc_before = accuracy(torch_predict(model, ctx.device), splits.test)
+    params_before = count_params(model)
+    example = torch.stack([splits.test[i][0] for i in range(2)]).to(ctx.device)
+    onnx_path = export_onnx(model, example, cfg.out / "model.onnx", dynamo=True)
+    blocks_total = len(collapsible.find_blocks(model)) + len(training.collapsed)
+    prelu_before = [b.name for b in collapsible.prelu_blocks(model)]
+    steps = collapsible.collapse_steps(model, cfg.threshold)
+    remaining = {b.name for b in collapsible.find_blocks(model)}
+    collapsed_at_end = [name for name in prelu_before if name not in remaining]
+    acc_after = accuracy(torch_predict(model, ctx.device), splits.test)
+    shape = {"input": (1, *example.shape[1:])}
+    # Verify the graph pass on real test images: slopes within the threshold (not exactly 1) make the
+    # fused model differ from the export a little, and random inputs would not say by how much in use.
+    n = min(VERIFY_IMAGES, len(splits.test))
+    feeds = [{"input": torch.stack([splits.test[i][0] for i in range(n)]).numpy()}]
+    # Written by `fuse` itself: the fused model is verified from disk and large weights may be stored
+    # as external data, which onnxruntime then reads from the path.
+    fused_path = cfg.out / "model.collapsed.onnx"
+    result = lc_onnx.fuse(
+        onnx_path,
+        output=fused_path,
+        threshold=cfg.threshold,
+        max_error=cfg.max_error,
+        input_shapes=shape,
+        feeds=feeds,
+    )
+    fuse_report = result.report.to_dict()
+    report = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "accuracy": {
+            "start": training.accuracy_start,
+            "before_collapse": acc_before,
+            "after_collapse_torch": acc_after,
+            "after_collapse_onnxruntime": accuracy(onnx_predict(fused_path), splits.test),
+        },
+        "blocks": {
+            "total": blocks_total,
+            "collapsed": len(training.collapsed) + len(steps),
+            "collapsed_during_training": training.collapsed,
+            "collapsed_at_end": collapsed_at_end,
+            "collapsed_by_graph_pass": len(result.report.collapsed),
+            "not_collapsed": collapsible.slopes(model),
+        },
+        "params": {
+            "start": training.params_start,
+            "before_collapse": params_before,
+            "after_collapse_torch": count_params(model),
+            "onnx_before_fuse": fuse_report["params_before"],
+            "onnx_after_fuse": fuse_report["params_after"],
+        },
+        "macs": {
+            "onnx_before_fuse": fuse_report["macs_before"],
+            "onnx_after_fuse": fuse_report["macs_after"],
+        },
+        "fuse": fuse_report,
+        "seconds": training.seconds,
+    }
+    files.write_text(cfg.out / "report.json", json.dumps(report, indent=2) + "\n")
+    structure = Structure.of(model, [*training.steps, *(fc1 for fc1, _ in steps)])
+    save_checkpoint(cfg.out / CHECKPOINT, model, structure, epoch=cfg.epochs)
+    return report
