@@ -73,28 +73,28 @@ class _ContribOp(OpRun):
 class Gelu(_ContribOp):
     """`com.microsoft::Gelu(X)`: the exact (erf) GELU."""
 
-    def _run(self, x):
+    def _run(self, x, **_schema_attrs):
         return self._out(x, _gelu(x))
 
 
 class BiasGelu(_ContribOp):
     """`com.microsoft::BiasGelu(A, B)`: `Gelu(A + B)`, B a bias over the last axis (fc1's bias)."""
 
-    def _run(self, a, b):
+    def _run(self, a, b, **_schema_attrs):
         return self._out(a, _gelu(a + b))
 
 
 class FastGelu(_ContribOp):
     """`com.microsoft::FastGelu(X, bias?)`: the tanh GELU of `X + bias`."""
 
-    def _run(self, x, bias=None):
+    def _run(self, x, bias=None, **_schema_attrs):
         return self._out(x, _gelu_tanh(x if bias is None else x + bias))
 
 
 class QuickGelu(_ContribOp):
     """`com.microsoft::QuickGelu(X, alpha=1.702)`: `X · sigmoid(alpha · X)`."""
 
-    def _run(self, x, alpha=None):
+    def _run(self, x, alpha=None, **_schema_attrs):
         alpha = 1.702 if alpha is None else alpha
         return self._out(x, x * _sigmoid(alpha * x))
 

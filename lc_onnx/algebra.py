@@ -10,7 +10,9 @@ Two layers joined by such an activation collapse into one:
       = x @ (W1 · diag(a) · W2) + ((a ⊙ b1 + c) @ W2 + b2)
 
 (in the paper's `W x` layout this is `W = W2·diag(a)·W1`, `b = W2·(a⊙b1 + c) + b2`). Chains fold left to
-right. Several affine steps in a row (PReLU treated as identity, BatchNorm, Identity) compose into one.
+right. Several affine steps in a row (PReLU treated as identity, BatchNorm, Identity, a per-feature
+constant Mul/Add) compose into one, and such steps right before or after a layer fold into it
+(`with_steps`).
 """
 
 from __future__ import annotations
@@ -88,6 +90,22 @@ def compose_steps(steps: Sequence[ChannelAffine]) -> ChannelAffine:
     for step in steps[1:]:
         scale, shift = step.scale * scale, step.scale * shift + step.shift
     return ChannelAffine(scale, shift)
+
+
+def with_steps(layer: Affine, pre: Sequence[ChannelAffine], post: Sequence[ChannelAffine]) -> Affine:
+    """The layer with per-feature steps folded in: `post(pre(x) @ W + b)`.
+
+    With `pre` composed to `s ⊙ x + t` and `post` to `u ⊙ y + v`:
+    `W' = diag(s) · W · diag(u)`, `b' = u ⊙ (t @ W + b) + v`.
+    """
+    w, b = layer.weight, layer.bias
+    if pre:
+        s = compose_steps(pre)
+        w, b = s.scale[:, None] * w, s.shift @ w + b
+    if post:
+        u = compose_steps(post)
+        w, b = w * u.scale[None, :], u.scale * b + u.shift
+    return Affine(w, b)
 
 
 def collapse_pair(first: Affine, act: ChannelAffine, second: Affine) -> Affine:

@@ -1,20 +1,23 @@
 """Deciding, per site, to collapse or skip, with a reason.
 
-An activation is collapsible when every step is affine on the data: Identity/Dropout exactly, BatchNorm
-exactly (on rank-2 tensors, where its channel axis is the feature axis), PRelu/LeakyRelu when every slope
-is within `threshold` of 1 (then treated as the identity — the reference implementation's rule), and any
-step for which a calibration fit `a ⊙ h + c` is given.
+An activation is collapsible when every step is affine on the data: Identity/Dropout and leading-axes
+reshapes exactly, per-feature constant Mul/Add/Sub/Div exactly, BatchNorm exactly (on its channel axis
+1: rank-2 tensors of Gemm/MatMul layers, or the channels of 1x1 convolutions), PRelu/LeakyRelu when
+every slope is within `threshold` of 1 (then treated as the identity — the reference implementation's
+rule), and any step for which a calibration fit `a ⊙ h + c` is given.
 
 Linear layers joined by collapsible sites form chains; each chain is cut into the segments that minimise
 the weight count (`d_in·d_out` for a collapsed segment against `Σ d_i·d_{i+1}` kept), so a bottleneck
 (`d_in·d_out >= d_h·(d_in+d_out)`) is never collapsed unless `allow_growth`. A site whose activation
 feeds several linear layers (fan-out) gives each of them its own composed layer when that shrinks the
-weights.
+weights. The parameter guard then counts exactly what a collapse removes (the weights only the replaced
+nodes read; a constant shared with other nodes stays) against what it adds (the new weight and, when it
+is not zero, the new bias).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +26,7 @@ from lc_onnx import algebra
 from lc_onnx.algebra import Affine, ChannelAffine
 from lc_onnx.constants import Constants
 from lc_onnx.reasons import Kind, Reason
-from lc_onnx.sites import Linear, Site, rank_of
+from lc_onnx.sites import Linear, Site, exclusive_params, rank_of
 
 
 @dataclass(frozen=True)
@@ -37,11 +40,23 @@ class Options:
 
 @dataclass(frozen=True)
 class Head:
-    """One output layer of a collapse and the single layer that replaces everything up to it."""
+    """One output layer of a collapse and the single layer that replaces everything up to it.
+
+    `reshape` is the shape the new layer's output takes when reshapes between the layers regrouped the
+    leading axes (None: the new layer's output already has the head's shape).
+    """
 
     layer: Linear
     result: Affine
-    with_bias: bool
+    reshape: tuple[int, ...] | None = None
+
+    @property
+    def with_bias(self) -> bool:
+        return bool(np.any(self.result.bias != 0))
+
+    @property
+    def params(self) -> int:
+        return self.result.d_in * self.result.d_out + (self.result.d_out if self.with_bias else 0)
 
 
 @dataclass(frozen=True)
@@ -119,8 +134,8 @@ def activation_affine(site: Site, constants: Constants, options: Options) -> tup
         if step.key in fits:
             parts.append(algebra.channel_affine(fits[step.key].scale, fits[step.key].shift, d_h))
             kind = Kind.FITTED
-        elif step.kind == "identity":
-            parts.append(ChannelAffine.identity(d_h))
+        elif step.kind in ("identity", "reshape", "affine"):
+            parts.append(step.channel_affine(constants, d_h))
         elif step.kind == "slope":
             slopes = step.slopes(constants)
             worst = float(np.max(np.abs(slopes - 1.0))) if slopes.size else 0.0
@@ -134,22 +149,62 @@ def activation_affine(site: Site, constants: Constants, options: Options) -> tup
             if worst != 0.0 and kind is Kind.EXACT:
                 kind = Kind.NEAR_LINEAR
         elif step.kind == "batchnorm":
-            rank = 2 if site.producer.is_gemm else rank_of(site.producer.input)
-            if rank != 2:
-                raise Refusal(
-                    Kind.UNSUPPORTED,
-                    f"BatchNormalization {step.key} normalises axis 1 of a rank-{rank or '?'} tensor, "
-                    "not the feature axis",
-                )
-            scale, bias, mean, var = (constants.value(t) for t in step.node.inputs[1:5])
-            try:
-                bn = algebra.batchnorm(scale, bias, mean, var, step.node.attrs.get("epsilon", 1e-5))
-                parts.append(algebra.channel_affine(bn.scale, bn.shift, d_h))
-            except ValueError as exc:
-                raise Refusal(Kind.SHAPE, f"BatchNormalization {step.key}: {exc}") from None
+            parts.append(_batchnorm(site, step, constants, d_h))
         else:
             raise Refusal(Kind.NOT_LINEAR, f"{step.op} {step.key} is not linear")
+    for consumer in site.consumers:  # refuses what the rewrite could not reshape back
+        _output_shape(site.producer, consumer, site.steps, consumer.shape(constants)[1], constants)
     return (algebra.compose_steps(parts) if parts else ChannelAffine.identity(d_h)), kind
+
+
+def _batchnorm(site: Site, step, constants: Constants, d_h: int) -> ChannelAffine:
+    """BatchNormalization normalises axis 1: the features of a rank-2 tensor or of a convolution."""
+    rank = rank_of(step.input)
+    if rank is None and site.producer.is_gemm and all(s.kind != "reshape" for s in site.steps):
+        rank = 2
+    if not site.producer.is_conv and rank != 2:
+        raise Refusal(
+            Kind.UNSUPPORTED,
+            f"BatchNormalization {step.key} normalises axis 1 of a rank-{rank or '?'} tensor, not the feature axis",
+        )
+    scale, bias, mean, var = (constants.value(t) for t in step.node.inputs[1:5])
+    try:
+        bn = algebra.batchnorm(scale, bias, mean, var, step.node.attrs.get("epsilon", 1e-5))
+        return algebra.channel_affine(bn.scale, bn.shift, d_h)
+    except ValueError as exc:
+        raise Refusal(Kind.SHAPE, f"BatchNormalization {step.key}: {exc}") from None
+
+
+def _output_shape(
+    first: Linear, head: Linear, steps: Iterable, d_out: int, constants: Constants
+) -> tuple[int, ...] | None:
+    """The shape a new layer reading `first.input` must give its output to stand for `head.output`.
+
+    Steps that reshape regroup the leading axes only (rows of features stay rows, in order), so the new
+    layer's output holds the right values; only its leading shape may differ from the head's. That is
+    the leading shape of the head's own input: `[-1]` when it is a matrix, else the last reshape's
+    constant target.
+
+    Raises:
+        Refusal: the head's leading shape is only known at run time.
+    """
+    reshapes = [s for s in steps if s.kind == "reshape"]
+    if not reshapes:
+        return None
+    rank_in, rank_head = rank_of(first.input), rank_of(head.core_input)
+    if rank_head == 2:
+        return None if rank_in == 2 else (-1, d_out)
+    last = reshapes[-1].node
+    target = constants.value(last.inputs[1]) if last.op == "Reshape" and len(last.inputs) > 1 else None
+    if target is not None:
+        dims = [int(v) for v in np.asarray(target).reshape(-1)]
+        if dims and (0 not in dims[:-1] or last.attrs.get("allowzero", 0)):
+            return (*dims[:-1], d_out)
+    raise Refusal(
+        Kind.UNSUPPORTED,
+        f"the reshapes between {first.name} and {head.name} regroup the leading axes into a shape known "
+        "only at run time",
+    )
 
 
 def decide(sites: Sequence[Site], constants: Constants, options: Options) -> list[Collapse | Skip]:
@@ -176,14 +231,14 @@ def decide(sites: Sequence[Site], constants: Constants, options: Options) -> lis
 
 
 def _chains(items: list[_Ready]) -> list[list[_Ready]]:
-    by_producer = {id(r.site.producer.nodes[0]): r for r in items}
-    continued = {id(r.site.consumers[0].nodes[0]) for r in items}
+    by_producer = {id(r.site.producer.core): r for r in items}
+    continued = {id(r.site.consumers[0].core) for r in items}
     chains = []
     for start in items:
-        if id(start.site.producer.nodes[0]) in continued:
+        if id(start.site.producer.core) in continued:
             continue
         chain = [start]
-        while (nxt := by_producer.get(id(chain[-1].site.consumers[0].nodes[0]))) is not None:
+        while (nxt := by_producer.get(id(chain[-1].site.consumers[0].core))) is not None:
             chain.append(nxt)
         chains.append(chain)
     return chains
@@ -221,16 +276,25 @@ def _decide_chain(
         if j - i < 2:
             continue
         handled.update(range(i, j - 1))
-        if any(id(layer.nodes[0]) in taken for layer in layers[i:j]):
+        if any(id(layer.core) in taken for layer in layers[i:j]):
             continue  # another collapse uses one of these layers this round; the next round retries
-        acts = [r.act for r in chain[i : j - 1]]
-        result = algebra.collapse_chain([layer.affine(constants) for layer in layers[i:j]], acts)
-        head = Head(layers[j - 1], result, _needs_bias(layers[i:j], acts))
-        collapse = _collapse(tuple(layers[i : j - 1]), (head,), chain[i : j - 1], constants)
-        if collapse.params_after >= collapse.params_before and not options.allow_growth:
-            out += [_params_skip(r.site, collapse, constants) for r in chain[i : j - 1]]
+        items = chain[i : j - 1]
+        result = algebra.collapse_chain(
+            [layer.affine(constants) for layer in layers[i:j]], [r.act for r in items]
+        )
+        steps = [s for r in items for s in r.site.steps]
+        try:
+            reshape = _output_shape(layers[i], layers[j - 1], steps, dims[j], constants)
+        except Refusal as refusal:
+            out += [Skip(r.site, refusal.reason, _site_params(r.site, constants)) for r in items]
             continue
-        taken.update(id(layer.nodes[0]) for layer in layers[i:j])
+        collapse = _collapse(
+            tuple(layers[i : j - 1]), (Head(layers[j - 1], result, reshape),), items, constants
+        )
+        if collapse.params_after >= collapse.params_before and not options.allow_growth:
+            out += [_params_skip(r.site, collapse, constants) for r in items]
+            continue
+        taken.update(id(layer.core) for layer in layers[i:j])
         out.append(collapse)
     out += [_growth_skip(item, dims, m, constants) for m, item in enumerate(chain) if m not in handled]
     return out
@@ -270,21 +334,21 @@ def _decide_fanout(
             ),
             _site_params(site, constants),
         )
-    if any(id(layer.nodes[0]) in taken for layer in layers):
+    if any(id(layer.core) in taken for layer in layers):
         return None
     first = site.producer.affine(constants)
     heads = tuple(
         Head(
             c,
             algebra.collapse_pair(first, item.act, c.affine(constants)),
-            _needs_bias((site.producer, c), [item.act]),
+            _output_shape(site.producer, c, site.steps, d, constants),
         )
-        for c in site.consumers
+        for c, d in zip(site.consumers, outs)
     )
     collapse = _collapse((site.producer,), heads, [item], constants)
     if collapse.params_after >= collapse.params_before and not options.allow_growth:
         return _params_skip(site, collapse, constants)
-    taken.update(id(layer.nodes[0]) for layer in layers)
+    taken.update(id(layer.core) for layer in layers)
     return collapse
 
 
@@ -301,30 +365,24 @@ def _params_skip(site: Site, collapse: Collapse, constants: Constants) -> Skip:
     )
 
 
-def _needs_bias(layers: Sequence[Linear], acts: Sequence[ChannelAffine]) -> bool:
-    return any(layer.bias is not None for layer in layers) or any(np.any(a.shift != 0) for a in acts)
-
-
 def _collapse(
     chain: tuple[Linear, ...], heads: tuple[Head, ...], items: Sequence[_Ready], constants
 ) -> Collapse:
-    before = sum(_site_params(r.site, constants) for r in items)
-    # Consecutive sites share their middle layer: count it once.
-    before -= sum(r.site.producer.param_count(constants) for r in items[1:])
-    after = sum(h.result.d_in * h.result.d_out + (h.result.d_out if h.with_bias else 0) for h in heads)
+    nodes = list({id(n): n for r in items for n in r.site.nodes}.values())
+    before = exclusive_params(nodes, constants)
+    after = sum(h.params for h in heads)
     return Collapse(
         chain, heads, tuple(r.site for r in items), _combined(r.kind for r in items), before, after
     )
 
 
-def _combined(kinds) -> Kind:
+def _combined(kinds: Iterable[Kind]) -> Kind:
     """The kind of a collapse of several sites: FITTED over NEAR_LINEAR over EXACT."""
     kinds = set(kinds)
-    return next(k for k in (Kind.FITTED, Kind.NEAR_LINEAR, Kind.EXACT) if k in kinds or k is Kind.EXACT)
+    return (
+        next(k for k in (Kind.FITTED, Kind.NEAR_LINEAR) if k in kinds) if kinds - {Kind.EXACT} else Kind.EXACT
+    )
 
 
 def _site_params(site: Site, constants: Constants) -> int:
-    count = site.producer.param_count(constants)
-    count += sum(step.param_count(constants) for step in site.steps)
-    count += sum(c.param_count(constants) for c in site.consumers)
-    return count
+    return exclusive_params(site.nodes, constants)

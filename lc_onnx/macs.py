@@ -133,6 +133,104 @@ def _skeleton(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]])
     return skeleton
 
 
+MS_DOMAIN = "com.microsoft"
+# onnxruntime's contrib ops whose first output has the first input's shape (and type).
+_SAME_SHAPE = frozenset(
+    {
+        "Gelu", "FastGelu", "BiasGelu", "QuickGelu", "BiasAdd", "SkipLayerNormalization",
+        "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization", "BiasSoftmax", "RotaryEmbedding",
+        "BiasDropout", "LayerNormalization",
+    }
+)  # fmt: skip
+_MAX_ROUNDS = 64
+
+
+def infer(model: onnx.ModelProto, *, data_prop: bool = False) -> onnx.ModelProto:
+    """ONNX shape inference, continued through onnxruntime's `com.microsoft` ops (which onnx does not
+    know): their outputs' shapes are derived from their inputs', written as value_info, and inference
+    runs again, until nothing more is learnt. `model` is a skeleton (no large data)."""
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=data_prop)
+    added: dict[str, onnx.ValueInfoProto] = {}
+    for _ in range(_MAX_ROUNDS):
+        types = {
+            v.name: v.type
+            for v in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output)
+        }
+        types.update(
+            (t.name, helper.make_tensor_type_proto(t.data_type, list(t.dims)))
+            for t in model.graph.initializer
+        )
+        new = {}
+        for node in inferred.graph.node:
+            if (
+                node.domain != MS_DOMAIN
+                or not node.output
+                or node.output[0] in types
+                or node.output[0] in added
+            ):
+                continue
+            for value in _contrib_outputs(node, types):
+                new[value.name] = value
+        if not new:
+            break
+        added.update(new)
+        retry = onnx.ModelProto()
+        retry.CopyFrom(model)
+        retry.graph.value_info.extend(added.values())
+        inferred = onnx.shape_inference.infer_shapes(retry, data_prop=data_prop)
+    return inferred
+
+
+def _dims(value_type: onnx.TypeProto) -> list | None:
+    if not value_type.HasField("tensor_type") or not value_type.tensor_type.HasField("shape"):
+        return None
+    return [
+        d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+        for d in value_type.tensor_type.shape.dim
+    ]
+
+
+def _contrib_outputs(node: onnx.NodeProto, types: Mapping[str, onnx.TypeProto]) -> list[onnx.ValueInfoProto]:
+    """Value infos for the outputs of a `com.microsoft` node whose input shapes are known."""
+    inputs = [_dims(types[name]) if name in types else None for name in node.input]
+    if not inputs or inputs[0] is None:
+        return []
+    elem = types[node.input[0]].tensor_type.elem_type
+    a = inputs[0]
+    op = node.op_type
+    out: list | None = None
+    if op in _SAME_SHAPE:
+        out = a
+    elif op == "FusedMatMul" and len(inputs) > 1 and inputs[1] is not None:
+        out = _fused_matmul_shape(node, a, inputs[1])
+    elif op == "Attention" and len(inputs) > 1 and inputs[1] is not None and len(a) == 3:
+        sizes = list(_attr(node, "qkv_hidden_sizes", []))
+        width = inputs[1][1]
+        v = sizes[2] if sizes else (width // 3 if isinstance(width, int) else None)
+        out = [a[0], a[1], v]
+    elif op == "MultiHeadAttention" and len(a) == 3:
+        value = inputs[2] if len(inputs) > 2 else None
+        out = [a[0], a[1], value[-1] if value is not None and len(value) == 3 else a[2]]
+    elif op == "EmbedLayerNormalization" and len(inputs) > 2 and inputs[2] is not None:
+        elem = types[node.input[2]].tensor_type.elem_type
+        values = [helper.make_tensor_value_info(node.output[0], elem, [a[0], a[1], inputs[2][1]])]
+        if len(node.output) > 1 and node.output[1]:
+            values.append(helper.make_tensor_value_info(node.output[1], TensorProto.INT32, [a[0]]))
+        return values
+    if out is None:
+        return []
+    return [helper.make_tensor_value_info(node.output[0], elem, out)]
+
+
+def _fused_matmul_shape(node: onnx.NodeProto, a: list, b: list) -> list | None:
+    if len(a) < 2 or len(b) < 2:
+        return None
+    a = a[:-2] + a[-2:][:: -1 if _attr(node, "transA", 0) else 1]
+    b = b[:-2] + b[-2:][:: -1 if _attr(node, "transB", 0) else 1]
+    batch = a[:-2] if len(a) >= len(b) else b[:-2]
+    return [*batch, a[-2], b[-1]]
+
+
 def _shape_of(value: onnx.ValueInfoProto) -> Shape | None:
     if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
         return None
@@ -158,7 +256,7 @@ def infer_shapes(
     """
     skeleton = _skeleton(model, input_shapes or {})
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
+        inferred = infer(skeleton, data_prop=True)
     except Exception as exc:  # inference bugs on exotic graphs: count what the inputs alone give
         logger.warning("shape inference failed (%s); MACs of ops with unknown shapes are not counted", exc)
         inferred = skeleton
@@ -247,6 +345,8 @@ def _conv_transpose_macs(x: Shape, w: Shape) -> int:
 
 def _node_macs(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> int | None:
     """MACs of one node, 0 for ops that are not counted, None when a needed shape is unknown."""
+    if node.domain == MS_DOMAIN:
+        return _contrib_macs(node, shapes)
     if node.domain not in ("", "ai.onnx"):
         return 0
     op = node.op_type
@@ -262,6 +362,38 @@ def _node_macs(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> int | None:
     if op == "Conv":
         return _conv_macs(node, a, b, shapes.get(node.output[0]))
     return _conv_transpose_macs(a, b)
+
+
+def _contrib_macs(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> int | None:
+    """MACs of onnxruntime's fused matrix ops: FusedMatMul, FusedGemm, Attention (the QKV projection and
+    both attention products), MultiHeadAttention (both attention products); 0 for other contrib ops."""
+    op = node.op_type
+    if op not in ("FusedMatMul", "FusedGemm", "Attention", "MultiHeadAttention"):
+        return 0
+    a = shapes.get(node.input[0])
+    b = shapes.get(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+    if op == "FusedMatMul":
+        if not _known(a, b):
+            return None
+        a2 = a[:-2] + a[-2:][:: -1 if _attr(node, "transA", 0) else 1]
+        b2 = b[:-2] + b[-2:][:: -1 if _attr(node, "transB", 0) else 1]
+        return _matmul_macs(a2, b2)
+    if op == "FusedGemm":
+        return _gemm_macs(node, a, b) if _known(a, b) else None
+    out = shapes.get(node.output[0])
+    if op == "Attention":
+        if not _known(a, b, out):
+            return None
+        batch, seq, hidden = a
+        sizes = list(_attr(node, "qkv_hidden_sizes", []))
+        q, v = (sizes[0], sizes[2]) if sizes else (b[1] // 3, b[1] // 3)
+        return batch * seq * hidden * b[1] + batch * seq * seq * (q + v)
+    # MultiHeadAttention: query [B, S, Hq]; key/value [B, L, H] (or already split per head)
+    key = b
+    if not _known(a, key, out) or len(a) != 3:
+        return None
+    kv_len = key[1] if len(key) == 3 else key[2]
+    return a[0] * a[1] * kv_len * (a[2] + out[2])
 
 
 def _walk(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:

@@ -236,7 +236,7 @@ def _slopes(sites, constants: Constants) -> dict[str, list[float]]:
 def _add_inferred_shapes(graph: gs.Graph, skeleton: onnx.ModelProto) -> None:
     """Give graph tensors the shapes onnx infers (on the data-free skeleton: no weights are serialized)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton)
+        inferred = macs.infer(skeleton)
     except Exception as exc:  # shapes only refine matching (ranks); go on without them
         log.info("shape inference failed (%s); matching without shapes", exc)
         return

@@ -92,6 +92,17 @@ class GraphBuilder:
             "Add", [y, self.init(f"{name}.bias", self.random((d_out,), 0.1))], name=f"{name}/Add"
         )
 
+    def conv1x1(
+        self, x: str, d_in: int, d_out: int, *, spatial: int = 2, bias: bool = True, name: str | None = None
+    ) -> str:
+        """A 1x1 `Conv` (`nn.Conv2d(d_in, d_out, 1)` for `spatial=2`): weight `[d_out, d_in, 1, ...]`."""
+        name = name or self.fresh("conv")
+        w = self.random((d_out, d_in, *([1] * spatial)), 1 / np.sqrt(d_in))
+        inputs = [x, self.init(f"{name}.weight", w)]
+        if bias:
+            inputs.append(self.init(f"{name}.bias", self.random((d_out,), 0.1)))
+        return self.node("Conv", inputs, name=name, kernel_shape=[1] * spatial)
+
     def prelu(
         self, x: str, slope: float | np.ndarray, shape: Sequence[int] = (1,), name: str | None = None
     ) -> str:

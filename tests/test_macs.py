@@ -178,3 +178,27 @@ def test_bad_input_shapes_are_user_errors(shapes: dict, message: str) -> None:
     model = _model(f"{HEADER} g (float[4, 5] A, float[5, 6] B) => (float Y) {{ Y = MatMul(A, B) }}")
     with pytest.raises(UserError, match=message):
         count_macs(model, shapes)
+
+
+def test_onnxruntime_attention_is_counted_and_shapes_flow_through_it():
+    # com.microsoft Attention: QKV projection [16 -> 48] and both attention products of 5 tokens; the
+    # MatMul after it is counted because its input shape is derived from the Attention's.
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    inits = [
+        helper.make_tensor("qkv", TensorProto.FLOAT, [16, 48], np.zeros(16 * 48).tolist()),
+        helper.make_tensor("qkv_b", TensorProto.FLOAT, [48], np.zeros(48).tolist()),
+        helper.make_tensor("w", TensorProto.FLOAT, [16, 8], np.zeros(128).tolist()),
+    ]
+    nodes = [
+        helper.make_node("Attention", ["x", "qkv", "qkv_b"], ["a"], domain="com.microsoft", num_heads=2),
+        helper.make_node("MatMul", ["a", "w"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "attn", [x], [y], inits)
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
+    assert list(macs_by_node(model, {"x": (2, 5, 16)}).values()) == [
+        2 * 5 * 16 * 48 + 2 * 5 * 5 * (16 + 16),
+        2 * 5 * 16 * 8,
+    ]

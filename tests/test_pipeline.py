@@ -312,15 +312,29 @@ def test_refuses_weight_that_is_a_graph_input():
     assert refusal(build) == "weight 'w2' of fc2 is a graph input"
 
 
-def test_refuses_weight_shared_with_another_layer():
-    def build():
-        g = GraphBuilder()
-        x = g.input("x", ["N", 16])
-        h = g.prelu(g.gemm(x, 16, 16, name="fc1"), 1.0)
-        g.output(g.node("Gemm", [h, "fc1.weight"], name="fc2", transB=1), ["N", 16])
-        return g.model()
+def test_weight_shared_with_a_layer_outside_the_site_collapses_and_stays_for_it():
+    # Exporters deduplicate equal tensors (a fresh model's zero biases): fc1's weight and bias are also
+    # read by `side`. The composite gets tensors of its own; the shared ones stay for `side`, and the
+    # parameter guard counts only what disappears.
+    g = GraphBuilder()
+    x = g.input("x", ["N", 16])
+    h = g.prelu(g.gemm(x, 16, 64, name="fc1"), 1.0, name="act")
+    g.output(g.gemm(h, 64, 8, name="fc2"), ["N", 8])
+    g.output(g.node("Gemm", [x, "fc1.weight", "fc1.bias"], name="side", transB=1), ["N", 64])
+    result = check_fused(g.model(), x2(16), collapsed=1, ops=["Gemm", "Gemm"])
+    assert {"fc1.weight", "fc1.bias"} <= {t.name for t in result.model.graph.initializer}
+    site = result.report.sites[0]
+    assert (site.params_before, site.params_after) == (1 + 64 * 8 + 8, 16 * 8 + 8)
+    assert result.report.params_before - result.report.params_after == site.params_before - site.params_after
 
-    assert refusal(build) == "weight 'fc1.weight' of fc1 is shared with fc2"
+
+def test_weight_shared_by_both_layers_of_the_site_collapses():
+    g = GraphBuilder()
+    x = g.input("x", ["N", 16])
+    h = g.prelu(g.gemm(x, 16, 16, name="fc1"), 1.0)
+    g.output(g.node("Gemm", [h, "fc1.weight"], name="fc2", transB=1), ["N", 16])
+    result = check_fused(g.model(), x2(16), collapsed=1, ops=["Gemm"])
+    assert result.report.params_after == 16 * 16 + 16
 
 
 def test_refuses_non_float_dtype():

@@ -2,8 +2,8 @@
 
 A *probe* is one activation step of a collapsible site: its input `h` (pre-activation) and output `y`
 (post-activation) become extra graph outputs of a copy of the model, and the data streams through
-onnxruntime once. Per channel (last axis) only running moments are kept, in float64, merged batch by
-batch with Chan et al.'s pairwise update:
+onnxruntime once. Per channel (the last axis, or the channel axis of a 1x1 convolution) only running
+moments are kept, in float64, merged batch by batch with Chan et al.'s pairwise update:
 
     n, mean_h, mean_y, M2_h = Σ(h − mean_h)², M2_y = Σ(y − mean_y)², C = Σ(h − mean_h)(y − mean_y)
 
@@ -42,6 +42,7 @@ class Probe:
     channels: int
     row_energy: np.ndarray
     consumer_outputs: tuple[str, ...]
+    axis: int = -1  # the channel axis (negative): -1 for Gemm/MatMul sites, 1 - rank for 1x1 convolutions
 
 
 @dataclass
@@ -128,8 +129,9 @@ def probes_for(sites: Iterable[Site], constants: Constants) -> list[Probe]:
         for step in site.steps:
             if needs_fit(step, constants) and step.key not in found:
                 found[step.key] = Probe(
-                    step.key, step.op, step.input.name, step.output.name, d_h, row_energy, outputs
-                )
+                    step.key, step.op, step.input.name, step.output.name, d_h, row_energy, outputs,
+                    step.feature_axis,
+                )  # fmt: skip
     return list(found.values())
 
 
@@ -155,7 +157,7 @@ def collect(loaded: io.LoadedModel, probes: Sequence[Probe], feeds: Iterable[Fee
             continue
         values = runtime.run(session, feed, names, on="the calibration data")
         for probe in probes:
-            h, y = values[probe.input], values[probe.output]
+            h, y = (np.moveaxis(values[name], probe.axis, -1) for name in (probe.input, probe.output))
             if h.shape != y.shape or h.shape[-1:] != (probe.channels,):
                 raise AssertionError(
                     f"{probe.key}: activation shapes {h.shape} -> {y.shape}, {probe.channels} channels"

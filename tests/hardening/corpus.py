@@ -515,7 +515,7 @@ OUTPUTS: list[tuple[str, Callable[[Path], Invocation], int]] = [
     ("odd_characters_in_names", with_model(odd_names), 1),
     ("graph_output_after_activation", with_model(graph_output_between("fc0_act")), 0),
     ("graph_output_before_activation", with_model(graph_output_between("fc0_out")), 0),
-    ("weights_shared_across_layers", with_model(shared_weights), 0),
+    ("weights_shared_across_layers", with_model(shared_weights), 1),
     ("weight_is_a_graph_input", with_model(weight_input(with_initializer=False)), 0),
     ("weight_is_a_graph_input_with_default", with_model(weight_input(with_initializer=True)), 0),
     ("unknown_domain_inside_site", with_model(unknown_domain_in_site), 0),

@@ -1,16 +1,20 @@
 """`lc_onnx.fuse` on graphs it did not build: timm and torchvision exports by both torch exporters, and the
 ONNX backend test models that ship inside the `onnx` package.
 
-Exported as they are, none of these has a linear activation between two linear layers: fuse must run,
-report every MLP it found with the activation that stops it, and write a model identical to its input
-(same proto, same onnxruntime outputs). With the MLP activations made collapsible (PReLU of slope 1), the
-same exports must collapse every block exactly.
+Exported as they are, their MLPs have no linear activation between the two linear layers: fuse must run,
+report every MLP it found with the activation that stops it, and collapse only what is exactly linear as
+exported (MobileNetV3 has one pair of 1x1 convolutions with nothing between them), so that the output is
+the input model itself (same proto, same onnxruntime outputs) or, where that pair collapsed, equal to it
+to float rounding. The CNNs' other 1x1-convolution pairs (squeeze-and-excitation, a projection feeding a
+residual) are listed with the activation or the consumer that stops them. With the MLP activations made
+collapsible (PReLU of slope 1), the same exports must collapse every block exactly.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,11 +39,17 @@ IMG = 32
 
 @dataclass(frozen=True)
 class Family:
-    """A small random-init member of an architecture family; `blocks` MLPs stopped by `activation`."""
+    """A small random-init member of an architecture family; `blocks` MLPs stopped by `activation`, and
+    the other sites of the export as it is, counted by `(decision, reason_kind, activation)`."""
 
     build: object
     blocks: int
     activation: str
+    others: tuple[tuple[tuple[str, str, str], int], ...] = ()
+
+    @property
+    def exact_pairs(self) -> int:
+        return sum(n for (decision, _, _), n in self.others if decision == "collapsed")
 
 
 # The smallest variants, cut to one or two blocks per stage where timm allows: the graph patterns of a
@@ -68,8 +78,26 @@ FAMILIES = {
         "Gelu",
     ),  # fmt: skip
     "resnet": Family(lambda: torchvision.models.resnet18(), 0, ""),
-    "mobilenetv3": Family(lambda: torchvision.models.mobilenet_v3_small(), 1, "HardSwish"),
-    "efficientnet": Family(lambda: torchvision.models.efficientnet_b0(), 0, ""),
+    "mobilenetv3": Family(
+        lambda: torchvision.models.mobilenet_v3_small(),
+        1,
+        "HardSwish",
+        (
+            (("collapsed", "exact", "none"), 1),  # a 1x1 projection straight into the next 1x1 expansion
+            (("skipped", "not_linear", "Relu"), 9),  # squeeze-and-excitation: conv 1x1, ReLU, conv 1x1
+            (("skipped", "consumer", "none"), 4),  # a 1x1 projection that also feeds the residual Add
+        ),
+    ),
+    "efficientnet": Family(
+        lambda: torchvision.models.efficientnet_b0(),
+        0,
+        "",
+        (
+            (("skipped", "not_linear", "Silu"), 16),  # squeeze-and-excitation
+            (("skipped", "consumer", "none"), 5),
+            (("skipped", "parameter_growth", "none"), 2),  # projection -> expansion: a bottleneck
+        ),
+    ),
 }
 # The dynamo exporter takes 10-25 s for these three on two cores: their dynamo exports run with `-m slow`.
 SLOW_DYNAMO = {"swin", "mobilenetv3", "efficientnet"}
@@ -99,6 +127,15 @@ def export(family: str, dynamo: bool, directory: Path, *, collapsible: bool = Fa
     return export_onnx(model, images, directory / f"{family}.onnx", dynamo=dynamo)
 
 
+def assert_equal_outputs(source: Path, out: Path) -> None:
+    """`out` passes the full check and gives `source`'s onnxruntime outputs to float rounding."""
+    fused, original = onnx.load(str(out)), onnx.load(str(source))
+    onnx.checker.check_model(fused, full_check=True)
+    feeds = runtime.random_feeds(original, runtime.input_shapes(original), seed=3)
+    for e, a in zip(ort_outputs(str(source), feeds), ort_outputs(str(out), feeds), strict=True):
+        assert rel_l2(a, e) <= 1e-5
+
+
 def assert_unchanged(source: Path, out: Path) -> None:
     """`out` is the same model as `source`: same proto, bit-identical onnxruntime outputs."""
     original, fused = onnx.load(str(source)), onnx.load(str(out))
@@ -118,12 +155,20 @@ def test_export_without_linear_activations_is_left_identical(tmp_path, family, d
 
     assert digest(source) == before
     expected = FAMILIES[family]
-    assert result.collapsed == 0
-    reasons = [site.reason for site in result.report.sites]
-    assert len(reasons) == expected.blocks, reasons
-    assert all(re.fullmatch(rf"{expected.activation} \S+ is not linear", r) for r in reasons), reasons
-    assert result.report.params_after == result.report.params_before
-    assert_unchanged(source, tmp_path / "out.onnx")
+    mlps = [
+        s for s in result.report.sites if re.fullmatch(rf"{expected.activation} \S+ is not linear", s.reason)
+    ]
+    assert len(mlps) == expected.blocks, [s.reason for s in result.report.sites]
+    others = Counter((s.decision, s.reason_kind, s.activation) for s in result.report.sites if s not in mlps)
+    assert sorted(others.items()) == sorted(expected.others)
+    assert result.collapsed == expected.exact_pairs
+    if expected.exact_pairs:
+        assert all(s.extra["exact"] for s in result.report.collapsed)
+        assert result.report.params_after < result.report.params_before
+        assert_equal_outputs(source, tmp_path / "out.onnx")
+    else:
+        assert result.report.params_after == result.report.params_before
+        assert_unchanged(source, tmp_path / "out.onnx")
 
 
 # ResNet and EfficientNet have no Linear -> activation -> Linear; ViT and Mixer are covered in tests/torch.
@@ -133,7 +178,8 @@ def test_export_with_linear_activations_collapses_every_block(tmp_path, family, 
 
     result = lc_onnx.fuse(source, output=tmp_path / "out.onnx", threshold=0.0)
 
-    assert result.collapsed == FAMILIES[family].blocks, [s.reason for s in result.report.sites]
+    expected = FAMILIES[family]
+    assert result.collapsed == expected.blocks + expected.exact_pairs, [s.reason for s in result.report.sites]
     assert all(site.extra["exact"] for site in result.report.collapsed)
     assert result.report.params_after < result.report.params_before
     fused, original = onnx.load(str(tmp_path / "out.onnx")), onnx.load(str(source))
@@ -144,18 +190,20 @@ def test_export_with_linear_activations_collapses_every_block(tmp_path, family, 
         assert rel_l2(a, e) <= 1e-5
 
 
-# (model, Gemm -> Relu [-> Dropout] -> Gemm sites): the classifiers of the three Caffe-era CNNs; weights
-# are computed by ConstantOfShape nodes, IR 3 lists every initializer as an input.
+RELU = r"Relu \S+ is not linear"
+# model -> (sites, their reason): the `Gemm -> Relu [-> Dropout] -> Gemm` classifiers of the three
+# Caffe-era CNNs (weights computed by ConstantOfShape nodes, IR 3 lists every initializer as an input),
+# and SqueezeNet's fire modules, whose 1x1 squeeze feeds, through a Relu, both a 1x1 and a 3x3 expansion.
 BACKEND = {
-    "bvlc_alexnet": 2,
-    "densenet121": 0,
-    "inception_v1": 0,
-    "inception_v2": 0,
-    "resnet50": 0,
-    "shufflenet": 0,
-    "squeezenet": 0,
-    "vgg19": 2,
-    "zfnet512": 2,
+    "bvlc_alexnet": (2, RELU),
+    "densenet121": (0, ""),
+    "inception_v1": (0, ""),
+    "inception_v2": (0, ""),
+    "resnet50": (0, ""),
+    "shufflenet": (0, ""),
+    "squeezenet": (8, r"'\S+' also feeds \S+"),
+    "vgg19": (2, RELU),
+    "zfnet512": (2, RELU),
 }
 
 
@@ -163,8 +211,9 @@ def test_every_backend_model_is_listed():
     assert sorted(p.stem.removeprefix("light_") for p in LIGHT.glob("*.onnx")) == sorted(BACKEND)
 
 
-@pytest.mark.parametrize(("name", "sites"), list(BACKEND.items()))
-def test_backend_model_with_relu_classifier_is_left_identical(tmp_path, name, sites):
+@pytest.mark.parametrize(("name", "expected"), list(BACKEND.items()))
+def test_backend_model_with_relu_classifier_is_left_identical(tmp_path, name, expected):
+    sites, pattern = expected
     source = LIGHT / f"light_{name}.onnx"
     before = digest(source)
 
@@ -174,5 +223,5 @@ def test_backend_model_with_relu_classifier_is_left_identical(tmp_path, name, si
     assert result.collapsed == 0
     reasons = [site.reason for site in result.report.sites]
     assert len(reasons) == sites
-    assert all(re.fullmatch(r"Relu \S+ is not linear", r) for r in reasons), reasons
+    assert all(re.fullmatch(pattern, r) for r in reasons), reasons
     assert_unchanged(source, tmp_path / "out.onnx")
