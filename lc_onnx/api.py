@@ -42,17 +42,10 @@ def fuse(
 ) -> FuseResult:
     """Collapse every qualifying Linear -> linear activation -> Linear of `model` and verify the result.
 
+    `model`, `output`, `threshold`, `max_error`, `max_abs_error`, `verify`, `allow_growth`,
+    `input_shapes` and `feeds` are the graph pass's own options (see `lc_onnx.pipeline.fuse`).
+
     Args:
-        model: a path to an `.onnx` file (its external data stays on disk) or an in-memory `ModelProto`.
-        output: where to write the fused model (atomically, after verification); None keeps it in memory.
-        threshold: PRelu/LeakyRelu slopes within this distance of 1 count as the identity.
-        max_error: largest allowed relative L2 error of any output; beyond it `VerificationError`.
-        max_abs_error: also a largest allowed absolute error of any output element (None: no limit).
-        verify: run original and fused in onnxruntime (strongly recommended).
-        allow_growth: collapse even when the single layer has more weights than the ones it replaces.
-        input_shapes: concrete shapes for graph inputs (dynamic dims default to 2); sets verification and
-            MAC-count shapes.
-        feeds: verification inputs (`{input name: array}` per run) instead of random data.
         fits: a mapping `{step: ChannelAffine}` applies those per-channel maps `a ⊙ h + c` as given (the
             pass alone); a `Calibration` or a fits file (`lc-onnx calibrate -o`) is a set of candidates
             for the calibrated fuse below (with `data`: selected on its held-out feeds; without: all

@@ -198,17 +198,29 @@ def input_shapes(
 def random_feeds(
     model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, seed: int = 0
 ) -> dict[str, np.ndarray]:
-    """Random inputs: standard normal for floats, zeros for integers and booleans (safe as indices)."""
-    rng = np.random.default_rng(seed)
+    """Random inputs of the model's graph-input types at `shapes` (see `random_inputs`)."""
     types = {v.name: v.type.tensor_type.elem_type for v in model.graph.input}
+    dtypes = {}
+    for name in shapes:
+        if types[name] == 0:
+            raise UserError(f"input {name!r} is not a tensor; lc-onnx verifies tensor inputs only")
+        dtypes[name] = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(types[name]))
+    return random_inputs(dtypes, shapes, seed=seed)
+
+
+def random_inputs(
+    dtypes: Mapping[str, np.dtype], shapes: Mapping[str, Sequence[int]], *, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Standard normal floats; integers and booleans zero (safe as indices: token 0), except inputs
+    named like an attention mask, which are ones (every token attended, as a tokenizer gives)."""
+    rng = np.random.default_rng(seed)
     feeds = {}
     for name, shape in shapes.items():
-        elem = types[name]
-        if elem == 0:
-            raise UserError(f"input {name!r} is not a tensor; lc-onnx verifies tensor inputs only")
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
-        if np.issubdtype(dtype, np.floating) or elem == onnx.TensorProto.BFLOAT16:
-            feeds[name] = rng.standard_normal(shape).astype(dtype)
+        dtype = dtypes[name]
+        if np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16":
+            feeds[name] = rng.standard_normal(tuple(shape)).astype(dtype)
+        elif "mask" in name.lower():
+            feeds[name] = np.ones(tuple(shape), dtype=dtype)
         else:
-            feeds[name] = np.zeros(shape, dtype=dtype)
+            feeds[name] = np.zeros(tuple(shape), dtype=dtype)
     return feeds

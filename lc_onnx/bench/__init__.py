@@ -49,7 +49,7 @@ def run_bench(
 
         first = make_session(models["a"], config.provider, config.threads)
         for batch in config.batches:
-            feeds = make_feeds(first, batch, config.seed)
+            feeds = make_feeds(first, batch, config.seed, config.input_shapes)
             result.profiles[batch] = {
                 label: profile_op_times(path, feeds, config.provider, config.threads, profile_runs)
                 for label, path in models.items()

@@ -47,6 +47,7 @@ class BenchConfig:
     runs: int = 50
     warmup: int = 5
     seed: int = 0
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None  # other dims than the batch, per input
 
     def __post_init__(self) -> None:
         if self.provider not in runtime.PROVIDERS:
@@ -120,15 +121,31 @@ def _input_signature(session) -> list[tuple[str, list[int | str | None], str]]:
     return [(i.name, list(i.shape), i.type) for i in session.get_inputs()]
 
 
-def make_feeds(session, batch: int, seed: int) -> dict[str, np.ndarray]:
-    """Random inputs at `batch`: the leading dim takes the batch, other symbolic dims are 1.
+def make_feeds(
+    session, batch: int, seed: int, input_shapes: Mapping[str, Sequence[int]] | None = None
+) -> dict[str, np.ndarray]:
+    """Random inputs at `batch` (`runtime.random_inputs`: attention masks are ones): the leading dim
+    takes the batch; `input_shapes` gives an input's other dims (its leading one is replaced by the
+    batch); remaining symbolic dims are 1.
 
     Raises:
-        UserError: a leading dim is fixed to another value, or an input type cannot be generated.
+        UserError: a leading dim is fixed to another value, a shape does not fit the input, or an
+            input type cannot be generated.
     """
-    rng = np.random.default_rng(seed)
-    feeds = {}
+    given = dict(input_shapes or {})
+    unknown = sorted(set(given) - {name for name, _, _ in _input_signature(session)})
+    if unknown:
+        raise UserError(
+            f"{{input_shapes}} names unknown input(s): {', '.join(unknown)}", params=["input_shapes"]
+        )
+    shapes, dtypes = {}, {}
     for name, shape, type_ in _input_signature(session):
+        override = given.get(name)
+        if override is not None and len(override) != len(shape):
+            raise UserError(
+                f"input {name!r} has rank {len(shape)}, but {{input_shapes}} gives {len(override)} dims",
+                params=["input_shapes"],
+            )
         dims = []
         for axis, dim in enumerate(shape):
             if isinstance(dim, int) and dim >= 0:
@@ -136,20 +153,23 @@ def make_feeds(session, batch: int, seed: int) -> dict[str, np.ndarray]:
                     raise UserError(
                         f"input {name!r} has a fixed batch dim {dim}; it cannot run at batch {batch}"
                     )
+                if override is not None and axis > 0 and override[axis] != dim:
+                    raise UserError(
+                        f"input {name!r} has a fixed dim {dim}, but {{input_shapes}} gives {override[axis]}",
+                        params=["input_shapes"],
+                    )
                 dims.append(dim)
             elif axis == 0:
                 dims.append(batch)
+            elif override is not None:
+                dims.append(int(override[axis]))
             else:
                 logger.info("input %s: symbolic dim %s set to 1", name, dim)
                 dims.append(1)
-        dtype = _NUMPY_TYPES.get(type_)
-        if dtype is None:
+        if type_ not in _NUMPY_TYPES:
             raise UserError(f"input {name!r} has type {type_}, which the benchmark cannot generate")
-        if np.issubdtype(dtype, np.floating):
-            feeds[name] = rng.standard_normal(dims).astype(dtype)
-        else:
-            feeds[name] = np.zeros(dims, dtype=dtype)
-    return feeds
+        shapes[name], dtypes[name] = dims, np.dtype(_NUMPY_TYPES[type_])
+    return runtime.random_inputs(dtypes, shapes, seed=seed)
 
 
 def _cpu_runner(session, feeds: Mapping[str, np.ndarray]) -> Callable[[], float]:
@@ -222,7 +242,7 @@ def bench_models(
     results = []
     for batch in config.batches:
         # Each model's own fixed dims must admit the batch; all then share the first model's arrays.
-        feeds = [make_feeds(sessions[label], batch, config.seed) for label in labels][0]
+        feeds = [make_feeds(sessions[label], batch, config.seed, config.input_shapes) for label in labels][0]
         shapes = {name: list(x.shape) for name, x in feeds.items()}
         macs = {label: count_macs(graphs[label], shapes) for label in labels}
         make_runner = _cuda_runner if config.provider == "cuda" else _cpu_runner

@@ -21,6 +21,7 @@ import json
 import sys
 from pathlib import Path
 
+from lc_onnx.commands.common import FLAGS, parse_input_shapes  # noqa: F401  (FLAGS: how errors spell parameters)
 from lc_onnx.errors import UserError
 
 
@@ -64,6 +65,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=50, help="timed runs per model and batch (default 50)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    parser.add_argument(
+        "--input-shape", action="append", default=[], metavar="NAME:DxD...",
+        help="an input's shape, e.g. input_ids:1x128 (the leading dim is each --batch; other symbolic "
+        "dims default to 1); attention masks are fed as ones (repeatable)",
+    )  # fmt: skip
     parser.add_argument("--oracle", type=Path, help="a third model timed in the same rounds")
     parser.add_argument(
         "--profile", type=int, default=0, metavar="RUNS", help="also profile op times over RUNS runs"
@@ -93,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         runs=args.runs,
         warmup=args.warmup,
         seed=args.seed,
+        input_shapes=parse_input_shapes(args.input_shape) or None,
     )
     progress = None if args.no_progress else _LazyBar(len(config.batches) * (config.runs + config.warmup))
     try:

@@ -178,3 +178,24 @@ def test_readme_bench_command_runs(models, tmp_path, monkeypatch) -> None:
     assert [run["batch"] for run in record["runs"]] == [1, 8]
     assert all(math.isfinite(run["oracle_speedup"]) for run in record["runs"])
     assert (tmp_path / "vit_s16.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_input_shapes_set_the_sequence_and_attention_masks_are_ones(tmp_path) -> None:
+    # A text model's inputs: token ids and an attention mask, batch and sequence symbolic.
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])
+    mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])
+    out = helper.make_tensor_value_info("y", TensorProto.INT64, ["batch", "seq"])
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["input_ids", "attention_mask"], ["y"])], "t", [ids, mask], [out]
+    )
+    path = tmp_path / "text.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    from lc_onnx.bench.runner import make_feeds, make_session
+
+    session = make_session(path, "cpu", 1)
+    feeds = make_feeds(session, 8, 0, {"input_ids": (1, 128), "attention_mask": (1, 128)})
+    assert {k: v.shape for k, v in feeds.items()} == {"input_ids": (8, 128), "attention_mask": (8, 128)}
+    assert feeds["attention_mask"].min() == 1 and feeds["input_ids"].max() == 0
+    code = main(["bench", str(path), str(path), "--batch", "1", "--runs", "1", "--warmup", "0",
+                 "--no-progress", "--input-shape", "nope:1x4"])  # fmt: skip
+    assert code == 2
