@@ -16,14 +16,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lc_onnx.commands.triton_options import add_triton_arguments, triton_options_from_args
 from lc_onnx.errors import UserError
+
+FLAGS = {"repo_dir": "--repo"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lc_onnx.deploy.options import add_triton_arguments
-
     parser.add_argument("model", type=Path, help="the .onnx model to deploy (usually the fused one)")
-    add_triton_arguments(parser)
+    add_triton_arguments(parser, repo_flag=FLAGS["repo_dir"])
     parser.add_argument(
         "--report", type=Path, metavar="R.json",
         help="a fuse report (from `lc-onnx fuse --report`) to keep beside the config",
@@ -31,7 +32,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lc_onnx.deploy.options import triton_options_from_args
     from lc_onnx.deploy.triton import write_model_repository
 
     report = _read_report(args.report) if args.report is not None else None

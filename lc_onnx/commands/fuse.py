@@ -19,6 +19,7 @@ from pathlib import Path
 
 from lc_onnx import files
 from lc_onnx.commands import common
+from lc_onnx.commands.triton_options import add_triton_arguments, triton_options_from_args
 from lc_onnx.errors import UserError
 
 FLAGS = {**common.FLAGS, "repo_dir": "--triton-repo"}
@@ -34,9 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-verify", action="store_true", help="skip the onnxruntime comparison (not recommended)"
     )
-    from lc_onnx.deploy.options import add_triton_arguments
-
-    add_triton_arguments(parser, repo_flag="--triton-repo", repo_required=False)
+    add_triton_arguments(parser, repo_flag=FLAGS["repo_dir"], repo_required=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,7 +65,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_deploy(args: argparse.Namespace):
     """The Triton options, checked against the input model (fusing keeps its inputs and outputs)."""
-    from lc_onnx.deploy.options import triton_options_from_args
     from lc_onnx.deploy.triton import check_model_repository
 
     if args.dry_run:

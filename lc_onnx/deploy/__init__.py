@@ -1,7 +1,8 @@
 """Serving: write fused models into a Triton Inference Server model repository (onnxruntime backend).
 
-`options` (flags and the `TritonOptions` dataclass, no heavy imports), `config` (graph -> `config.pbtxt`),
-`triton` (the repository writer). The names below are imported on first use.
+`options` (the `TritonOptions` dataclass and its values, no heavy imports), `config` (graph ->
+`config.pbtxt`), `triton` (the repository writer). The names below are imported on first use. The
+command-line flags for these options live in `lc_onnx.commands.triton_options`.
 """
 
 from __future__ import annotations
@@ -9,10 +10,10 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
+    "ACCELERATORS": "options",
     "DEFAULT_MAX_BATCH_SIZE": "options",
+    "INSTANCE_KINDS": "options",
     "TritonOptions": "options",
-    "add_triton_arguments": "options",
-    "triton_options_from_args": "options",
     "TRITON_DTYPES": "config",
     "Signature": "config",
     "TensorSpec": "config",

@@ -40,12 +40,7 @@ import onnx
 
 from lc_onnx import files, io
 from lc_onnx.deploy.config import TritonConfig, build_config
-from lc_onnx.deploy.options import (
-    DEFAULT_MAX_BATCH_SIZE,
-    TritonOptions,
-    add_triton_arguments,
-    triton_options_from_args,
-)
+from lc_onnx.deploy.options import DEFAULT_MAX_BATCH_SIZE, TritonOptions
 from lc_onnx.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -321,9 +316,7 @@ def _inside(path: Path, directory: Path) -> bool:
 __all__ = [
     "DEFAULT_MAX_BATCH_SIZE",
     "RepositoryPlan",
-    "check_model_repository",
     "TritonOptions",
-    "add_triton_arguments",
-    "triton_options_from_args",
+    "check_model_repository",
     "write_model_repository",
 ]
