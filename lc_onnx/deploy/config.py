@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import onnx
 
 from lc_onnx.deploy.options import ACCELERATORS, INSTANCE_KINDS
-from lc_onnx.errors import UserError
+from lc_onnx.errors import UserError, one_line
 
 TensorProto = onnx.TensorProto
 
@@ -168,25 +168,40 @@ def build_config(
     if max_batch_size is None:
         max_batch_size = default_max_batch_size if signature.batchable else 0
     if max_batch_size < 0:
-        raise UserError(f"--max-batch-size must be 0 or more, got {max_batch_size}")
+        raise UserError(
+            f"{{max_batch_size}} must be 0 or more, got {max_batch_size}", params=["max_batch_size"]
+        )
     if max_batch_size > 0 and not signature.batchable:
         bad = signature.first_unbatchable()
         assert bad is not None
         raise UserError(
-            f"--max-batch-size {max_batch_size} needs a leading dynamic batch dimension on every input and "
-            f"output, but {bad.name!r} has shape {_shape_text(bad.dims)}; use --max-batch-size 0 to serve "
-            "full shapes"
+            f"{{max_batch_size}} {max_batch_size} needs a leading dynamic batch dimension on every input and "
+            f"output, but {bad.name!r} has shape {_shape_text(bad.dims)}; use {{max_batch_size}} 0 to serve "
+            "full shapes",
+            params=["max_batch_size"],
         )
     if dynamic_batching and max_batch_size == 0:
-        raise UserError("--dynamic-batching needs --max-batch-size above 0 (Triton batches along dim 0)")
+        raise UserError(
+            "{dynamic_batching} needs {max_batch_size} above 0 (Triton batches along dim 0)",
+            params=["dynamic_batching", "max_batch_size"],
+        )
     if instance_kind not in INSTANCE_KINDS:
-        raise UserError(f"--instance-kind must be one of {', '.join(INSTANCE_KINDS)}, got {instance_kind!r}")
+        raise UserError(
+            f"{{instance_kind}} must be one of {', '.join(INSTANCE_KINDS)}, got {instance_kind!r}",
+            params=["instance_kind"],
+        )
     if instances < 1:
-        raise UserError(f"--instances must be 1 or more, got {instances}")
+        raise UserError(f"{{instances}} must be 1 or more, got {instances}", params=["instances"])
     if accelerator not in ACCELERATORS:
-        raise UserError(f"--accelerator must be one of {', '.join(ACCELERATORS)}, got {accelerator!r}")
+        raise UserError(
+            f"{{accelerator}} must be one of {', '.join(ACCELERATORS)}, got {accelerator!r}",
+            params=["accelerator"],
+        )
     if accelerator != "none" and instance_kind != "gpu":
-        raise UserError(f"--accelerator {accelerator} runs on GPU instances; use --instance-kind gpu")
+        raise UserError(
+            f"{{accelerator}} {accelerator} runs on GPU instances; use {{instance_kind}} gpu",
+            params=["accelerator", "instance_kind"],
+        )
     return TritonConfig(
         name=name,
         signature=signature,
@@ -228,7 +243,9 @@ def _inferred_outputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception as exc:  # inference raises several types; any failure means "no shape known"
         missing = next(v.name for v in model.graph.output if not _has_shape(v))
-        raise UserError(f"output {missing!r} has no shape and shape inference failed ({exc})") from None
+        raise UserError(
+            f"output {missing!r} has no shape and shape inference failed ({one_line(exc)})"
+        ) from None
     by_name = {v.name: v for v in (*inferred.graph.output, *inferred.graph.value_info)}
     return [v if _has_shape(v) else by_name.get(v.name, v) for v in model.graph.output]
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import onnx
 
-from lc_onnx import files, io
+from lc_onnx import files, io, runtime
 from lc_onnx.deploy.config import TritonConfig, build_config
 from lc_onnx.deploy.options import DEFAULT_MAX_BATCH_SIZE, TritonOptions
 from lc_onnx.errors import UserError
@@ -74,7 +74,7 @@ def check_model_repository(
     Fusing keeps the graph's inputs and outputs, so checking the original model before a long fuse
     catches a bad option (a batch size on a graph without a batch dimension, an existing version) early.
     """
-    return _plan(_as_loaded(model), Path(repo_dir), options or TritonOptions())
+    return _plan(io.as_loaded(model), Path(repo_dir), options or TritonOptions())
 
 
 def write_model_repository(
@@ -100,7 +100,7 @@ def write_model_repository(
     Returns:
         The version directory that was written.
     """
-    loaded = _as_loaded(model)
+    loaded = io.as_loaded(model)
     repo = Path(repo_dir)
     plan = _plan(loaded, repo, options or TritonOptions())
     report_text = json.dumps(dict(report), indent=2) + "\n" if report is not None else None
@@ -155,7 +155,10 @@ def _plan(loaded: io.LoadedModel, repo: Path, options: TritonOptions) -> Reposit
     version = options.version if options.version is not None else max(existing, default=0) + 1
     plan = RepositoryPlan(model_dir, version, config, config.to_pbtxt())
     if plan.version_dir.exists() and not options.force:
-        raise UserError(f"{plan.version_dir}: version {version} already exists; pass --force to replace it")
+        raise UserError(
+            f"{plan.version_dir}: version {version} already exists; pass {{force}} to replace it",
+            params=["force"],
+        )
     _check_config_compatible(model_dir / CONFIG_NAME, plan.config_text, options.force)
     if loaded.path is not None and _inside(loaded.path, plan.version_dir):
         raise UserError(
@@ -169,16 +172,6 @@ def _plan(loaded: io.LoadedModel, repo: Path, options: TritonOptions) -> Reposit
     return plan
 
 
-def _as_loaded(model: onnx.ModelProto | io.LoadedModel | str | os.PathLike) -> io.LoadedModel:
-    if isinstance(model, io.LoadedModel):
-        return model
-    if isinstance(model, onnx.ModelProto):
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        return io.from_proto(copy)
-    return io.load(model)
-
-
 def _model_name(name: str | None, loaded: io.LoadedModel) -> str:
     if name is None:
         if loaded.path is not None:
@@ -188,8 +181,9 @@ def _model_name(name: str | None, loaded: io.LoadedModel) -> str:
             name = loaded.proto.graph.name
     if not name or not _NAME_RE.fullmatch(name) or name.isdigit():
         raise UserError(
-            f"model name {name!r} is not usable as a Triton model directory; pass --name with letters, "
-            "digits, '_', '-' or '.' (not starting with '.' or '-')"
+            f"model name {name!r} is not usable as a Triton model directory; pass {{name}} with letters, "
+            "digits, '_', '-' or '.' (not starting with '.' or '-')",
+            params=["name"],
         )
     return name
 
@@ -220,8 +214,9 @@ def _check_config_compatible(path: Path, config_text: str, force: bool) -> None:
     new_line = new_lines[line].strip() if line < len(new_lines) else "<end>"
     raise UserError(
         f"{path} differs from the config for this model (line {line + 1}: {old_line!r}, would be "
-        f"{new_line!r}); Triton uses one config for all versions: pass --force to replace it or use "
-        "another --name"
+        f"{new_line!r}); Triton uses one config for all versions: pass {{force}} to replace it or use "
+        "another {name}",
+        params=["force", "name"],
     )
 
 
@@ -265,7 +260,8 @@ def _write_version(
 
 def _save_version(loaded: io.LoadedModel, config: TritonConfig, version_dir: Path, check_loads: bool) -> None:
     version_dir.mkdir()
-    # io.save rewrites the proto's external-data references to the new file; keep the caller's intact.
+    # io.save rewrites the proto's external-data references to the new file; the caller's proto (which
+    # io.as_loaded wraps without copying) must keep pointing at its own files, so save a copy.
     proto = onnx.ModelProto()
     proto.CopyFrom(loaded.proto)
     path = io.save(dataclasses.replace(loaded, proto=proto), version_dir / MODEL_FILE)
@@ -275,15 +271,11 @@ def _save_version(loaded: io.LoadedModel, config: TritonConfig, version_dir: Pat
 
 def _check_onnxruntime_loads(path: Path, config: TritonConfig) -> None:
     try:
-        import onnxruntime as ort
-    except ImportError:
+        runtime.import_ort()
+    except UserError:
         log.warning("onnxruntime is not installed; not checking that %s loads", path)
         return
-    try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types for every load failure
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"the model does not load in onnxruntime: {first[:300]}") from None
+    session = runtime.session(path, name="the model")
     for role, declared, actual in (
         ("inputs", [t.name for t in config.signature.inputs], [i.name for i in session.get_inputs()]),
         ("outputs", [t.name for t in config.signature.outputs], [o.name for o in session.get_outputs()]),

@@ -118,3 +118,40 @@ def test_unreadable_model_is_a_user_error(tmp_path, capsys):
     assert main(["deploy", str(bad), "--repo", str(tmp_path / "repo")]) == 2
     assert capsys.readouterr().err.startswith("lc-onnx deploy: error: ")
     assert not (tmp_path / "repo").exists()
+
+
+@pytest.mark.parametrize("command", ["deploy", "fuse"])
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--version", "1"], "{version_dir}: version 1 already exists; pass --force to replace it"),
+        (
+            ["--dynamic-batching", "--max-batch-size", "0"],
+            "--dynamic-batching needs --max-batch-size above 0 (Triton batches along dim 0)",
+        ),
+        (
+            ["--accelerator", "cuda", "--instance-kind", "cpu"],
+            "--accelerator cuda runs on GPU instances; use --instance-kind gpu",
+        ),
+        (
+            ["--name", ".x"],
+            "model name '.x' is not usable as a Triton model directory; pass --name with letters, digits, "
+            "'_', '-' or '.' (not starting with '.' or '-')",
+        ),
+    ],
+)
+def test_library_errors_name_the_flags_of_either_command(
+    tmp_path, demo_model, capsys, command, flags, message
+):
+    repo = tmp_path / "repo"
+    assert main(["deploy", str(demo_model), "--repo", str(repo)]) == 0
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    capsys.readouterr()
+    if command == "deploy":
+        argv = ["deploy", str(demo_model), "--repo", str(repo)]
+    else:
+        argv = ["fuse", str(demo_model), "-o", str(tmp_path / "out.onnx"), "--triton-repo", str(repo)]
+    assert main([*argv, *flags]) == 2
+    expected = message.format(config=repo / "demo" / "config.pbtxt", version_dir=repo / "demo" / "1")
+    assert capsys.readouterr().err == f"lc-onnx {command}: error: {expected}\n"
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

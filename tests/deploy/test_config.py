@@ -157,18 +157,49 @@ def test_defaults_are_one_cpu_instance_no_batching_no_accelerator():
 
 
 @pytest.mark.parametrize(
-    ("case", "kwargs", "message"),
+    ("case", "kwargs", "message", "params"),
     [
-        ("static", {"max_batch_size": 8}, r"--max-batch-size 8 needs a leading dynamic batch dimension.*'x'"),
-        ("one_static_output", {"max_batch_size": 2}, r"'m' has shape \[4\]"),
-        ("static", {"dynamic_batching": True}, r"--dynamic-batching needs --max-batch-size above 0"),
-        ("fp16_int64", {"accelerator": "tensorrt"}, r"--accelerator tensorrt runs on GPU instances"),
-        ("fp16_int64", {"instances": 0}, r"--instances must be 1 or more"),
+        (
+            "static", {"max_batch_size": 8},
+            "max_batch_size 8 needs a leading dynamic batch dimension on every input and output, but 'x' has "
+            "shape [1, 4]; use max_batch_size 0 to serve full shapes",
+            ("max_batch_size",),
+        ),
+        (
+            "one_static_output", {"max_batch_size": 2},
+            "max_batch_size 2 needs a leading dynamic batch dimension on every input and output, but 'm' has "
+            "shape [4]; use max_batch_size 0 to serve full shapes",
+            ("max_batch_size",),
+        ),
+        ("static", {"max_batch_size": -1}, "max_batch_size must be 0 or more, got -1", ("max_batch_size",)),
+        (
+            "static", {"dynamic_batching": True},
+            "dynamic_batching needs max_batch_size above 0 (Triton batches along dim 0)",
+            ("dynamic_batching", "max_batch_size"),
+        ),
+        (
+            "fp16_int64", {"accelerator": "tensorrt"},
+            "accelerator tensorrt runs on GPU instances; use instance_kind gpu",
+            ("accelerator", "instance_kind"),
+        ),
+        (
+            "fp16_int64", {"accelerator": "openvino"},
+            "accelerator must be one of none, cuda, tensorrt, got 'openvino'",
+            ("accelerator",),
+        ),
+        (
+            "fp16_int64", {"instance_kind": "tpu"},
+            "instance_kind must be one of cpu, gpu, got 'tpu'",
+            ("instance_kind",),
+        ),
+        ("fp16_int64", {"instances": 0}, "instances must be 1 or more, got 0", ("instances",)),
     ],
-)
-def test_refusals_name_the_problem(case, kwargs, message):
-    with pytest.raises(UserError, match=message):
+)  # fmt: skip
+def test_refusals_name_the_problem_and_the_parameter(case, kwargs, message, params):
+    with pytest.raises(UserError) as caught:
         build_config(parse(GRAPHS[case][0]), "m", **kwargs)
+    assert str(caught.value) == message
+    assert caught.value.params == params
 
 
 def test_sequence_outputs_are_refused():
