@@ -1,8 +1,9 @@
 """Serving: write fused models into a Triton Inference Server model repository (onnxruntime backend).
 
-`options` (the `TritonOptions` dataclass and its values, no heavy imports), `config` (graph ->
-`config.pbtxt`), `triton` (the repository writer). The names below are imported on first use. The
-command-line flags for these options live in `lc_onnx.commands.triton_options`.
+`options` (the `TritonOptions` dataclass and its values, no heavy imports), `model_config` (Triton's
+`ModelConfig` message, protobuf only), `config` (graph -> `config.pbtxt`), `triton` (the repository
+writer). The names below are imported on first use. The command-line flags for these options live in
+`lc_onnx.commands.triton_options`.
 """
 
 from __future__ import annotations

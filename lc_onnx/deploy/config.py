@@ -8,8 +8,10 @@ loaded without its external data works. Mapping rules:
 - A symbolic or unknown dimension is `-1`.
 - With `max_batch_size > 0` Triton adds the batch dimension itself, so every input and output must have
   a leading dynamic dimension and the config lists the dims after it. A tensor whose only dimension is the
-  batch (or a scalar when `max_batch_size == 0`) is declared as `dims: [ 1 ]` with `reshape { shape: [ ] }`,
+  batch (or a scalar when `max_batch_size == 0`) is declared as `dims: [1]` with an empty `reshape { }`,
   Triton's spelling for "no dims of its own".
+
+The text is written by protobuf's `text_format` from Triton's `ModelConfig` message (`model_config`).
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import onnx
+from google.protobuf.message import Message
 
+from lc_onnx.deploy import model_config
 from lc_onnx.deploy.options import ACCELERATORS, INSTANCE_KINDS
 from lc_onnx.errors import UserError, one_line
 
 TensorProto = onnx.TensorProto
+PLATFORM = "onnxruntime_onnx"
 
 TRITON_DTYPES: dict[int, str] = {
     TensorProto.BOOL: "TYPE_BOOL",
@@ -75,7 +80,7 @@ class Signature:
 
 @dataclass(frozen=True)
 class TritonConfig:
-    """Everything `config.pbtxt` says, already validated; `to_pbtxt` only formats it."""
+    """Everything `config.pbtxt` says, already validated; `to_proto` and `to_pbtxt` only spell it."""
 
     name: str
     signature: Signature
@@ -85,49 +90,31 @@ class TritonConfig:
     dynamic_batching: bool = False
     accelerator: str = "none"
 
-    def to_pbtxt(self) -> str:
-        """Protobuf text format of Triton's `ModelConfig` message, deterministic for equal configs."""
+    def to_proto(self) -> Message:
+        """The config as Triton's `ModelConfig` message (see `model_config`)."""
         batched = self.max_batch_size > 0
-        lines = [
-            f"name: {_quote(self.name)}",
-            'platform: "onnxruntime_onnx"',
-            f"max_batch_size: {self.max_batch_size}",
-        ]
-        for field_name, specs in (("input", self.signature.inputs), ("output", self.signature.outputs)):
-            lines.append(f"{field_name} [")
-            for i, spec in enumerate(specs):
+        config = model_config.ModelConfig(
+            name=self.name, platform=PLATFORM, max_batch_size=self.max_batch_size
+        )
+        for declared, specs in (
+            (config.input, self.signature.inputs),
+            (config.output, self.signature.outputs),
+        ):
+            for spec in specs:
                 dims, reshape = spec.config_dims(batched)
-                lines += [
-                    "  {",
-                    f"    name: {_quote(spec.name)}",
-                    f"    data_type: {spec.data_type}",
-                    f"    dims: [ {', '.join(str(d) for d in dims)} ]",
-                ]
+                tensor = declared.add(name=spec.name, data_type=spec.data_type, dims=dims)
                 if reshape:
-                    lines.append("    reshape { shape: [ ] }")
-                lines.append("  }," if i < len(specs) - 1 else "  }")
-            lines.append("]")
-        lines += [
-            "instance_group [",
-            "  {",
-            f"    kind: KIND_{self.instance_kind.upper()}",
-            f"    count: {self.instances}",
-            "  }",
-            "]",
-        ]
+                    tensor.reshape.SetInParent()
+        config.instance_group.add(kind=f"KIND_{self.instance_kind.upper()}", count=self.instances)
         if self.dynamic_batching:
-            lines.append("dynamic_batching { }")
+            config.dynamic_batching.SetInParent()
         if self.accelerator != "none":
-            lines += [
-                "optimization {",
-                "  execution_accelerators {",
-                "    gpu_execution_accelerator [",
-                f"      {{ name: {_quote(self.accelerator)} }}",
-                "    ]",
-                "  }",
-                "}",
-            ]
-        return "\n".join(lines) + "\n"
+            config.optimization.execution_accelerators.gpu_execution_accelerator.add(name=self.accelerator)
+        return config
+
+    def to_pbtxt(self) -> str:
+        """`config.pbtxt`: the protobuf text format of `to_proto()`, deterministic for equal configs."""
+        return model_config.to_text(self.to_proto())
 
 
 def signature_of(model: onnx.ModelProto) -> Signature:
@@ -259,16 +246,3 @@ def _elem_name(elem: int) -> str:
 
 def _shape_text(dims: Sequence[int]) -> str:
     return "[" + ", ".join("?" if d < 0 else str(d) for d in dims) + "]"
-
-
-def _quote(text: str) -> str:
-    """A protobuf text-format string literal; non-ASCII stays UTF-8, control bytes become octal escapes."""
-    out = []
-    for ch in text:
-        if ch in ('"', "\\"):
-            out.append("\\" + ch)
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\{ord(ch):03o}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'

@@ -9,8 +9,10 @@ Layout (Triton's own)::
 Existing repositories. A new version goes beside the old ones (default: one above the highest). An
 existing version is replaced only with `force`. Triton reads a single `config.pbtxt` for all versions of a
 model, so the config written for the new version must also be the one already there: when the existing
-file says something else (another input shape, other instance groups, hand edits) the write is refused
-unless `force`, which replaces it. With Triton's default version policy (serve the highest version
+file says something else (another input shape, other instance groups, fields lc-onnx does not write) the
+write is refused unless `force`, which replaces it. The two are compared as Triton reads them, parsed into
+its `ModelConfig` message, so a file that differs only in spacing, order or comments (one written by an
+older lc-onnx, say) counts as the same and is left as it is. With Triton's default version policy (serve the highest version
 only) that is what serving the new version needs; older versions whose graphs no longer match the new
 config would fail to load under a policy that serves them too, which is why it takes `force`.
 
@@ -37,11 +39,13 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+from google.protobuf import text_format
 
 from lc_onnx import files, io, runtime
+from lc_onnx.deploy import model_config
 from lc_onnx.deploy.config import TritonConfig, build_config
 from lc_onnx.deploy.options import DEFAULT_MAX_BATCH_SIZE, TritonOptions
-from lc_onnx.errors import UserError
+from lc_onnx.errors import UserError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +120,11 @@ def write_model_repository(
             _write_new_model(loaded, plan, report_text, check_loads)
         else:
             _write_version(loaded, plan.config, model_dir, version, check_loads)
-            if _read_text(model_dir / CONFIG_NAME) != plan.config_text:
-                log.warning("replacing %s", model_dir / CONFIG_NAME)
+            # An existing config that reads the same to Triton stays as it is (Triton may poll it).
+            old = _read_text(model_dir / CONFIG_NAME)
+            if old is None or _config_difference(old, plan.config) is not None:
+                if old is not None:
+                    log.warning("replacing %s", model_dir / CONFIG_NAME)
                 files.write_text(model_dir / CONFIG_NAME, plan.config_text)
             if report_text is not None:
                 files.write_text(model_dir / _report_name(version), report_text)
@@ -159,7 +166,8 @@ def _plan(loaded: io.LoadedModel, repo: Path, options: TritonOptions) -> Reposit
             f"{plan.version_dir}: version {version} already exists; pass {{force}} to replace it",
             params=["force"],
         )
-    _check_config_compatible(model_dir / CONFIG_NAME, plan.config_text, options.force)
+    if not options.force:
+        _check_config_compatible(model_dir / CONFIG_NAME, config)
     if loaded.path is not None and _inside(loaded.path, plan.version_dir):
         raise UserError(
             f"{loaded.path}: the input model is inside {plan.version_dir}, which would be replaced"
@@ -199,25 +207,28 @@ def _versions(model_dir: Path) -> list[int]:
     ]
 
 
-def _check_config_compatible(path: Path, config_text: str, force: bool) -> None:
-    if not path.exists():
-        return
+def _check_config_compatible(path: Path, config: TritonConfig) -> None:
+    """Refuse when the config at `path` (if any) does not read to Triton as `config` does."""
     old = _read_text(path)
-    if old == config_text or force:
-        return
-    old_lines, new_lines = old.splitlines(), config_text.splitlines()
-    line = next(
-        (i for i, (a, b) in enumerate(zip(old_lines, new_lines)) if a != b),
-        min(len(old_lines), len(new_lines)),
-    )
-    old_line = old_lines[line].strip() if line < len(old_lines) else "<end>"
-    new_line = new_lines[line].strip() if line < len(new_lines) else "<end>"
-    raise UserError(
-        f"{path} differs from the config for this model (line {line + 1}: {old_line!r}, would be "
-        f"{new_line!r}); Triton uses one config for all versions: pass {{force}} to replace it or use "
-        "another {name}",
-        params=["force", "name"],
-    )
+    difference = _config_difference(old, config) if old is not None else None
+    if difference is not None:
+        raise UserError(
+            f"{path} {difference}; Triton uses one config for all versions: pass {{force}} to replace it "
+            "or use another {name}",
+            params=["force", "name"],
+        )
+
+
+def _config_difference(old_text: str, config: TritonConfig) -> str | None:
+    """What is wrong with the existing config `old_text` for `config`, to follow its path in a message
+    (`differs from the config for this model (input[0].dims: [4], would be [6])`); None when it says the
+    same to Triton, however it is spelled."""
+    try:
+        old = model_config.parse(old_text)
+    except text_format.ParseError as exc:
+        return f"is not a config lc-onnx writes ({one_line(exc)})"
+    difference = model_config.difference(old, config.to_proto())
+    return f"differs from the config for this model ({difference})" if difference is not None else None
 
 
 def _write_new_model(

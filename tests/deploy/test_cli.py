@@ -124,6 +124,11 @@ def test_unreadable_model_is_a_user_error(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
+        (
+            ["--instances", "2"],
+            "{config} differs from the config for this model (instance_group[0].count: 1, would be 2); "
+            "Triton uses one config for all versions: pass --force to replace it or use another --name",
+        ),
         (["--version", "1"], "{version_dir}: version 1 already exists; pass --force to replace it"),
         (
             ["--dynamic-batching", "--max-batch-size", "0"],

@@ -143,7 +143,7 @@ def test_a_differing_config_needs_force(tmp_path):
     config_before = (repo / "m" / "config.pbtxt").read_text()
     with pytest.raises(
         UserError,
-        match=r"config.pbtxt differs .*line \d+: 'dims: \[ 4 \]', would be 'dims: \[ 6 \]'\); "
+        match=r"config.pbtxt differs from the config for this model \(input\[0\]\.dims: \[4\], would be \[6\]\); "
         "Triton uses one config for all versions: pass force to replace it or use another name$",
     ):
         write_model_repository(small_model(6), repo, TritonOptions(name="m"))
@@ -160,10 +160,64 @@ def test_a_differing_config_needs_force(tmp_path):
 def test_same_config_with_other_serving_options_needs_force(tmp_path):
     repo = tmp_path / "repo"
     write_model_repository(small_model(), repo, TritonOptions(name="m"))
-    with pytest.raises(UserError, match=r"differs from the config"):
+    with pytest.raises(UserError, match=r"\(instance_group\[0\]\.count: 1, would be 3\)"):
         write_model_repository(small_model(), repo, TritonOptions(name="m", instances=3))
     write_model_repository(small_model(), repo, TritonOptions(name="m", instances=3, force=True))
     assert helpers.parse_config(repo / "m" / "config.pbtxt").instance_group[0].count == 3
+
+
+# What lc-onnx 0.1.0 wrote for small_model(4) named "m": the same config, spelled another way.
+OLD_SPELLING = """name: "m"
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+input [
+  {
+    name: "x"
+    data_type: TYPE_FP32
+    dims: [ 4 ]
+  }
+]
+output [
+  {
+    name: "y"
+    data_type: TYPE_FP32
+    dims: [ 4 ]
+  }
+]
+instance_group [
+  {
+    kind: KIND_CPU
+    count: 1
+  }
+]
+"""
+
+
+def test_a_config_spelled_another_way_is_the_same_config_and_stays(tmp_path):
+    repo = tmp_path / "repo"
+    write_model_repository(small_model(), repo, TritonOptions(name="m"))
+    config = repo / "m" / "config.pbtxt"
+    config.write_text(OLD_SPELLING)
+    assert write_model_repository(small_model(), repo, TritonOptions(name="m")).name == "2"
+    assert config.read_text() == OLD_SPELLING
+
+
+def test_fields_lc_onnx_does_not_write_need_force(tmp_path):
+    repo = tmp_path / "repo"
+    write_model_repository(small_model(), repo, TritonOptions(name="m"))
+    config = repo / "m" / "config.pbtxt"
+    written = config.read_text()
+    edited = written + 'parameters { key: "k" value { string_value: "v" } }\n'
+    config.write_text(edited)
+    assert helpers.parse_config(config).parameters["k"].string_value == "v"  # valid for Triton
+    with pytest.raises(
+        UserError,
+        match=r'config.pbtxt is not a config lc-onnx writes \(.*no field named "parameters"\); .*pass force',
+    ):
+        write_model_repository(small_model(), repo, TritonOptions(name="m"))
+    assert config.read_text() == edited
+    write_model_repository(small_model(), repo, TritonOptions(name="m", force=True))
+    assert config.read_text() == written
 
 
 @pytest.mark.parametrize("external", [True, False], ids=["external", "self-contained"])
