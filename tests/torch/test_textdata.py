@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 from lc_onnx.errors import UserError  # noqa: E402
 from lc_onnx.torch.textdata import TextDataset, read_lines, split  # noqa: E402
 
-WORDS = "the a cat dog sat on mat ran far and then slept".split()
+WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "ran", "far", "and", "then", "slept"]
 
 
 def wordpiece(tmp_path):
