@@ -40,7 +40,7 @@ def prelu_one() -> nn.PReLU:
 @torch.no_grad()
 def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
     """Biases ~ N(0, 0.1²), LayerScale gammas ~ 0.5 + N(0, 0.1²), norm affine parameters and running
-    statistics away from 1 and 0; in eval mode."""
+    statistics away from 1 and 0, all-zero weight matrices ~ N(0, 0.1²); in eval mode."""
     gen = torch.Generator().manual_seed(seed)
 
     def draw(t: torch.Tensor, mean: float, std: float) -> None:
@@ -60,6 +60,9 @@ def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
     for name, param in model.named_parameters():
         if name.rsplit(".", 1)[-1] in SCALE_NAMES:
             draw(param, 0.5, 0.1)
+        elif param.dim() >= 2 and not param.any():
+            # zero-init heads (torchvision's ViT, timm's Mixer) would make the output independent of the input
+            draw(param, 0.0, 0.1)
     return model.eval()
 
 

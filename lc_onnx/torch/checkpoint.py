@@ -19,7 +19,7 @@ from torch import nn
 
 from lc_onnx import files
 from lc_onnx.errors import UserError, one_line
-from lc_onnx.torch import collapsible
+from lc_onnx.torch import blocks, collapsible
 
 
 @dataclass
@@ -28,12 +28,20 @@ class Structure:
 
     prelu: list[str] = field(default_factory=list)  # "act.name:num_slopes" when saved
     collapsed: list[str] = field(default_factory=list)  # fc1 names in collapse order
+    # The blocks a discovery found (`Spec.to_dict()`: module names of fc1 ... fc2 and the activation), so
+    # a fresh model needs no example inputs; empty for blocks found by structure (and old checkpoints).
+    blocks: list[dict] = field(default_factory=list)
 
     @classmethod
     def of(cls, model: nn.Module, collapsed: Sequence[str]) -> Structure:
-        """`model`'s PReLU blocks now, and the fc1 names `collapsed` so far (in `collapse_steps` order)."""
+        """`model`'s PReLU blocks now, the fc1 names `collapsed` so far (in `collapse_steps` order) and the
+        blocks its discovery found."""
         prelu = [f"{b.name}:{b.act.weight.numel()}" for b in collapsible.prelu_blocks(model)]
-        return cls(prelu, list(collapsed))
+        specs = [spec.to_dict() for spec in blocks.recorded_specs(model)]
+        return cls(prelu, list(collapsed), specs)
+
+    def specs(self) -> list[blocks.Spec]:
+        return [blocks.Spec.from_dict(d) for d in self.blocks]
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, structure: Structure, **extra: Any) -> None:
@@ -64,11 +72,11 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module) -> dict[str, Any]
             f"{{checkpoint}} {path}: not an lc-onnx checkpoint (no 'model'/'structure' keys)",
             params=["checkpoint"],
         )
-    structure = Structure(**payload["structure"])
     try:
-        collapsible.restore_structure(model, structure.prelu, structure.collapsed)
+        structure = Structure(**payload["structure"])
+        collapsible.restore_structure(model, structure.prelu, structure.collapsed, structure.specs())
         model.load_state_dict(payload["model"])
-    except (ValueError, RuntimeError) as exc:
+    except (TypeError, KeyError, ValueError, RuntimeError) as exc:
         raise UserError(
             f"{{checkpoint}} {path}: does not fit this model ({one_line(exc)})", params=["checkpoint"]
         ) from None

@@ -81,7 +81,6 @@ def test_existing_prelu_is_counted_but_not_returned():
     [
         (lambda: _vit_with(SwiGLU), "gated"),
         (lambda: Mlp(8, 16, norm_layer=LayerNorm), "timm-mlp-layernorm"),
-        (lambda: Mlp(8, 16, use_conv=True), "timm-mlp-conv"),
         (
             lambda: nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 2)),
             "seq-layernorm",
@@ -96,6 +95,22 @@ def test_non_collapsible_structures_are_not_blocks(build, reason):
     assert find_blocks(model) == []
     assert make_collapsible(model) == []
     assert prelu_names(model) == []
+
+
+def test_timm_conv_mlp_is_a_block_and_collapses_into_a_1x1_conv():
+    """`Mlp(use_conv=True)` (PoolFormer's MLP) is fc1/fc2 as 1x1 convolutions: a block since 1x1 convs
+    count as linear layers; it collapses into one 1x1 conv."""
+    torch.manual_seed(0)
+    model = models.randomise(Mlp(8, 16, use_conv=True))
+    assert [b.name for b in find_blocks(model)] == ["act"]
+    assert make_collapsible(model, init=1.0) == ["act"]
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        before = model(x)
+        assert collapse(model) == ["fc1"]
+        after = model(x)
+    assert (type(model.fc1), model.fc1.weight.shape) == (nn.Conv2d, (8, 8, 1, 1))
+    assert _rel_l2(after, before) <= 1e-6
 
 
 def _vit_with(mlp_layer):
