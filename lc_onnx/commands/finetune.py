@@ -9,6 +9,10 @@ accuracy (before collapse, after collapse in torch, and in onnxruntime on the fu
 and MACs. DIR/metrics.jsonl has one JSON line per epoch; DIR/checkpoint.pt is a state dict (load it with
 --checkpoint; it is read with torch.load(weights_only=True)).
 
+Models: a timm name, `vgg-mlp`, `hf:DIR_OR_NAME` (a transformers image classifier loaded with
+from_pretrained, images as its image processor says) or `hf-config:TYPE_OR_DIR` (random weights from a
+config: a model type such as `vit`, or a config.json / directory; --model-arg sets config fields).
+
 Datasets: `digits` (scikit-learn's bundled 8x8 digits, upsampled to --img-size, fixed 1437/360 split) or
 an ImageFolder directory (DIR/train + DIR/test or DIR/val, else one folder split 80/20).
 
@@ -29,7 +33,12 @@ FLAGS = {"fractions": "--fraction"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="a timm model name, or vgg-mlp")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="a timm model name, vgg-mlp, hf:DIR_OR_NAME (a transformers image classifier, from_pretrained) "
+        "or hf-config:TYPE_OR_DIR (random weights from a config, e.g. hf-config:vit)",
+    )
     parser.add_argument(
         "--dataset", default="digits", help="digits or an ImageFolder directory (default digits)"
     )
@@ -51,7 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest relative L2 error of the fused graph vs. the export on test images (default 0.05)",
     )
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
-    parser.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights")
+    parser.add_argument(
+        "--pretrained", action="store_true", help="start from timm's pretrained weights (hf: always does)"
+    )
     parser.add_argument("--img-size", type=int, default=16, help="input size (default 16)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64, help="per process (default 64)")
@@ -68,7 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="model constructor argument, repeatable (e.g. --model-arg depth=6 --model-arg embed_dim=64)",
+        help="model constructor argument (transformers: config field), repeatable "
+        "(e.g. --model-arg depth=6 --model-arg embed_dim=64)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 

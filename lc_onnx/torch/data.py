@@ -1,7 +1,8 @@
 """Datasets for `lc-onnx finetune`: scikit-learn's bundled digits, or any ImageFolder directory.
 
-Both give 3-channel float images of `img_size x img_size`, normalised to mean 0.5 / std 0.5 per channel,
-so the same model definitions (and timm's pretrained stems) work on either.
+Both give 3-channel float images of `img_size x img_size`, normalised to mean 0.5 / std 0.5 per channel
+(or as an `ImageFormat` says: a pretrained transformers model's image processor), so the same model
+definitions (and timm's pretrained stems) work on either.
 """
 
 from __future__ import annotations
@@ -22,6 +23,20 @@ DIGITS_SPLIT_SEED = 0
 _SPLIT_NAMES = (("train", "test"), ("train", "val"))
 
 
+@dataclass(frozen=True)
+class ImageFormat:
+    """What a model wants its images as: `size x size`, normalised per channel (`(x - mean) / std` of
+    values in [0, 1]); the default is the mean 0.5 / std 0.5 every timm model here is trained with."""
+
+    size: int
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+    @property
+    def default_normalisation(self) -> bool:
+        return self.mean == (0.5, 0.5, 0.5) and self.std == (0.5, 0.5, 0.5)
+
+
 @dataclass
 class Splits:
     """Train and test datasets yielding `(image[3, S, S], label)`."""
@@ -31,15 +46,16 @@ class Splits:
     num_classes: int
 
 
-def load(dataset: str, img_size: int) -> Splits:
+def load(dataset: str, image: ImageFormat | int) -> Splits:
     """`"digits"` or a directory: `DIR/train` + `DIR/test` (or `DIR/val`) ImageFolders, or one ImageFolder
-    split 80/20 with a fixed seed."""
+    split 80/20 with a fixed seed; images as `image` says (an int: that size, mean = std = 0.5)."""
+    image = ImageFormat(image) if isinstance(image, int) else image
     if dataset == "digits":
-        return digits(img_size)
-    return image_folder(Path(dataset), img_size)
+        return digits(image.size, image)
+    return image_folder(Path(dataset), image.size, image)
 
 
-def digits(img_size: int = 16) -> Splits:
+def digits(img_size: int = 16, image: ImageFormat | None = None) -> Splits:
     """The 1797 8x8 digits of `sklearn.datasets.load_digits` (bundled, no download), bilinearly upsampled.
 
     The train/test split is fixed (stratified, 20 % test, seed 0: 1437 / 360 images) whatever the
@@ -52,7 +68,13 @@ def digits(img_size: int = 16) -> Splits:
     images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
     if img_size != 8:
         images = torch.nn.functional.interpolate(images, size=(img_size, img_size), mode="bilinear")
-    images = ((images - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
+    if image is None or image.default_normalisation:
+        images = ((images - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
+    else:
+        mean, std = (
+            torch.tensor(v, dtype=torch.float32)[None, :, None, None] for v in (image.mean, image.std)
+        )
+        images = (images.expand(-1, 3, -1, -1) - mean) / std
     labels = torch.tensor(data.target, dtype=torch.long)
     train_idx, test_idx = train_test_split(
         range(len(labels)),
@@ -68,16 +90,17 @@ def digits(img_size: int = 16) -> Splits:
     )
 
 
-def image_folder(root: Path, img_size: int) -> Splits:
+def image_folder(root: Path, img_size: int, image: ImageFormat | None = None) -> Splits:
     from torchvision import datasets, transforms
 
+    image = image or ImageFormat(img_size)
     if not root.is_dir():
         raise UserError(f"{{dataset}} {root}: not 'digits' and not a directory", params=["dataset"])
     tf = transforms.Compose(
         [
             transforms.Resize((img_size, img_size)),
             transforms.ToTensor(),
-            transforms.Normalize([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
+            transforms.Normalize(list(image.mean), list(image.std)),
         ]
     )
 

@@ -1,4 +1,6 @@
-"""Building the models `lc-onnx finetune` trains: any timm model by name, or `vgg-mlp`."""
+"""Building the models `lc-onnx finetune` trains: any timm model by name, `vgg-mlp`, or a transformers
+image classifier (`hf:DIR_OR_NAME` pretrained, `hf-config:TYPE_OR_DIR` random; see `hf`), and the image
+format each wants (`image_format`)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ from typing import Any
 from torch import nn
 
 from lc_onnx.errors import UserError, one_line
+from lc_onnx.torch import hf
+from lc_onnx.torch.data import ImageFormat
 
 VGG_MLP = "vgg-mlp"
 
@@ -53,12 +57,22 @@ def build_model(
     pretrained: bool = False,
     kwargs: Mapping[str, Any] | None = None,
 ) -> nn.Module:
-    """`vgg-mlp` or a timm model name; `kwargs` go to the constructor (e.g. `depth=6, embed_dim=64`).
+    """`vgg-mlp`, a timm model name or an `hf:`/`hf-config:` spelling; `kwargs` go to the constructor
+    (e.g. `depth=6, embed_dim=64`; transformers: config fields). A transformers model comes wrapped in
+    `hf.Logits` (images in, logits out); `pretrained` is for timm names (`hf:` always loads weights).
 
     Raises:
-        UserError: unknown name, bad keyword, or pretrained weights that cannot be downloaded.
+        UserError: unknown name, bad keyword, or pretrained weights that cannot be loaded.
     """
     kwargs = dict(kwargs or {})
+    source = hf.parse(name, overrides=kwargs)
+    if source is not None:
+        if pretrained and not source.pretrained:
+            raise UserError(
+                f"{{model}} {name} {{pretrained}}: hf-config: models have random weights; use hf:",
+                params=["model", "pretrained"],
+            )
+        return hf.Logits(source.model(num_labels=num_classes, image_size=img_size))
     if name == VGG_MLP:
         try:
             return VGGMlp(num_classes=num_classes, **kwargs)
@@ -87,3 +101,10 @@ def build_model(
                 params=["model", "pretrained"],
             ) from None
         raise
+
+
+def image_format(name: str, img_size: int, kwargs: Mapping[str, Any] | None = None) -> ImageFormat:
+    """How the model `name` wants its images: a pretrained transformers model as its image processor
+    says (size, mean, std), every other model at `img_size` with mean = std = 0.5."""
+    source = hf.parse(name, overrides=kwargs)
+    return ImageFormat(img_size) if source is None else source.image_format(img_size)

@@ -109,12 +109,15 @@ def check_config(cfg: FinetuneConfig) -> None:
 def _finetune(cfg: FinetuneConfig, ctx: Dist) -> dict[str, Any]:
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    splits = data.load(cfg.dataset, cfg.img_size)
-    model, steps = _build(cfg, splits.num_classes)
+    image = models.image_format(cfg.model, cfg.img_size, cfg.model_kwargs)
+    splits = data.load(cfg.dataset, image)
+    model, steps = _build(cfg, splits, image.size)
     model.to(ctx.device)
     collapser = Collapser(model, cfg.fractions, threshold=cfg.threshold, init=cfg.init, steps=steps)
     if not collapser.schedule.blocks:
-        raise UserError(f"{{model}} {cfg.model}: no collapsible MLP block found", params=["model"])
+        refused = collapsible.refusals(model)
+        why = f" ({len(refused)} refused, e.g. {refused[0]})" if refused else ""
+        raise UserError(f"{{model}} {cfg.model}: no collapsible MLP block found{why}", params=["model"])
     outputs = _Outputs(cfg.out) if ctx.main else None
     collapser.start()
     accuracy_start, params_start = _test_accuracy(model, splits.test, ctx), count_params(model)
@@ -153,15 +156,24 @@ def _finetune(cfg: FinetuneConfig, ctx: Dist) -> dict[str, Any]:
     return _finish(cfg, model, splits, ctx, training)
 
 
-def _build(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, list[str]]:
-    """The model, loaded from `cfg.checkpoint` when given, and the fc1 names collapsed in it."""
+def _build(cfg: FinetuneConfig, splits: data.Splits, img_size: int) -> tuple[nn.Module, list[str]]:
+    """The model, loaded from `cfg.checkpoint` when given, and the fc1 names collapsed in it.
+
+    A fresh model's blocks are found by data flow on two test images (`collapsible.discover`); a
+    checkpoint brings the blocks it was saved with.
+    """
     model = models.build_model(
-        cfg.model, num_classes, cfg.img_size, pretrained=cfg.pretrained, kwargs=cfg.model_kwargs
+        cfg.model, splits.num_classes, img_size, pretrained=cfg.pretrained, kwargs=cfg.model_kwargs
     )
     if cfg.checkpoint is None:
+        collapsible.discover(model, (_examples(splits),))
         return model, []
     payload = load_checkpoint(cfg.checkpoint, model)
     return model, list(payload["structure"]["collapsed"])
+
+
+def _examples(splits: data.Splits, n: int = 2) -> torch.Tensor:
+    return torch.stack([splits.test[i][0] for i in range(n)])
 
 
 def _penalised_loss(lam: float) -> LossFn:
@@ -230,7 +242,7 @@ def _finish(
     model.eval()
     acc_before = accuracy(torch_predict(model, ctx.device), splits.test)
     params_before = count_params(model)
-    example = torch.stack([splits.test[i][0] for i in range(2)]).to(ctx.device)
+    example = _examples(splits).to(ctx.device)
     onnx_path = export_onnx(model, example, cfg.out / "model.onnx", dynamo=True)
     blocks_total = len(collapsible.find_blocks(model)) + len(training.collapsed)
     prelu_before = [b.name for b in collapsible.prelu_blocks(model)]
@@ -270,6 +282,7 @@ def _finish(
             "collapsed_at_end": collapsed_at_end,
             "collapsed_by_graph_pass": len(result.report.collapsed),
             "not_collapsed": collapsible.slopes(model),
+            "refused": [r.to_dict() for r in collapsible.refusals(model)],
         },
         "params": {
             "start": training.params_start,
