@@ -1,21 +1,20 @@
 """Finding MLP blocks by how data flows in one recorded forward (`dataflow.Flow`).
 
 From every call of a linear layer, follow the consumers of its output, call by call, through *steps* —
-calls with one data input, or a product `a * b` whose other factor is accounted for (below) — for at
-most `MAX_STEPS` calls, up to a linear-layer call that takes the tensor as its only data input. Each such
-path is a candidate (a walk ends at a module holding a weight matrix or kernel — a depthwise conv — and at
-a step that changes the shape, splits apart). A candidate with no activation on it (`Linear -> Dropout -> Linear`, attention's
-projections through reshapes, Swin's patch merging `reduction -> norm -> qkv`) is not an MLP and is
-ignored; every other one becomes a block (`blocks.Spec`) or a refusal (`blocks.Refusal`) with its reason,
-checked in this order:
+calls with one data input that keep its shape (splits aside), or a product `a * b` whose other factor is
+accounted for (below) — for at most `MAX_STEPS` calls, up to a linear-layer call that takes the tensor as
+its only data input. A walk also ends at a module holding a weight matrix or kernel (a depthwise conv).
+Each such path is a candidate. A candidate with no activation on it (`Linear -> Dropout -> Linear`,
+Swin's patch merging `reduction -> norm -> qkv`) is not an MLP and is ignored; every other one becomes a
+block (`blocks.Spec`) or a refusal (`blocks.Refusal`) with its reason, checked in this order:
 
 1. `GATED`: a product with a second linear map of the input, `act(x·Wg) ⊙ (x·Wu)` (T5 gated-gelu, Llama,
    timm `SwiGLU`, `GluMlp`'s `chunk`): not linear in x, even with a linear activation.
 2. `FUNCTIONAL`: an activation called as a function in a forward (`F.gelu(h)`, `h * torch.sigmoid(1.702 *
    h)`, BERT given a callable `hidden_act`): there is no module to swap for a PReLU.
 3. `NORM`: a LayerNorm, GroupNorm, RMSNorm... between the layers.
-4. `STEP`: something else between them: a module with parameters that is not a norm, a reshape, an
-   "activation" that changes the shape.
+4. `STEP`: something else between them: a module with parameters that is not a norm, a function call
+   (`h * 2`, `h.pow(2)`).
 5. `ACTIVATIONS`: two activations.
 6. `SHARED`: fc1, fc2, the activation or a batch norm called more than once (reused or tied modules):
    the block's modules must be its own to be swapped and collapsed.
@@ -283,15 +282,9 @@ class _Judge:
 
     def _step(self) -> Refusal | None:
         for s in self.module_steps:
-            module = self.modules[s.node.name]
-            role = self.roles[s.node.name]
-            if role is Role.OTHER:
-                what = f"{type(module).__name__} {s.node.name} (a module with parameters)"
-            elif role is Role.ACTIVATION and s.node.in_shapes[0] != s.node.out_shapes[s.slot]:
-                shapes = f"{list(s.node.in_shapes[0])} -> {list(s.node.out_shapes[s.slot])}"
-                what = f"{type(module).__name__} {s.node.name} (changes the shape {shapes})"
-            else:
+            if self.roles[s.node.name] is not Role.OTHER:
                 continue
+            what = f"{type(self.modules[s.node.name]).__name__} {s.node.name} (a module with parameters)"
             return self._refuse(
                 RefusalKind.STEP, f"{what} {self.between} is neither an activation nor a pass-through"
             )

@@ -12,7 +12,7 @@ import io
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ OPSET = 18
 
 def export_onnx(
     model: nn.Module,
-    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    example_inputs: torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
     path: str | os.PathLike,
     *,
     dynamo: bool = True,
@@ -37,23 +37,48 @@ def export_onnx(
 
     Args:
         model: exported in eval mode; its training flag is restored afterwards.
-        example_inputs: one tensor or a sequence of tensors; inputs are named `input`, `input_1`, ...
-            and the (first) output `output`.
+        example_inputs: one tensor or a sequence of tensors (inputs named `input`, `input_1`, ...), or a
+            dict of keyword arguments (`{"input_ids": ..., "attention_mask": ...}`: inputs named by the
+            keys). The (first) output is `output`: of a transformers `ModelOutput` or a tuple, its first
+            tensor (`logits`, `last_hidden_state`).
         dynamo: `True` for the `torch.export`-based exporter, `False` for the TorchScript one.
         dynamic_batch: make dimension 0 of every input and output symbolic (`batch`).
     """
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    path = Path(path)
-    input_names = ["input"] + [f"input_{i}" for i in range(1, len(inputs))]
     was_training = model.training
+    if isinstance(example_inputs, Mapping):
+        input_names = list(example_inputs)
+        inputs = tuple(example_inputs.values())
+        module: nn.Module = _FirstOutput(model, input_names).eval()
+    else:
+        inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+        input_names = ["input"] + [f"input_{i}" for i in range(1, len(inputs))]
+        # transformers models return a ModelOutput; others are exported as they are
+        module = _FirstOutput(model, None).eval() if hasattr(model, "config") else model
+    path = Path(path)
     model.eval()
     try:
         with files.atomic_path(path) as tmp:
-            _export(model, inputs, tmp, input_names, dynamo=dynamo, dynamic_batch=dynamic_batch)
+            _export(module, inputs, tmp, input_names, dynamo=dynamo, dynamic_batch=dynamic_batch)
     finally:
         model.train(was_training)
     logger.info("exported %s (%s exporter)", path, "dynamo" if dynamo else "TorchScript")
     return path
+
+
+class _FirstOutput(nn.Module):
+    """`model` called with positional inputs (by keyword when `names` are given), reduced to its first
+    output tensor."""
+
+    def __init__(self, model: nn.Module, names: list[str] | None) -> None:
+        super().__init__()
+        self.model = model
+        self.names = names
+
+    def forward(self, *args):
+        out = self.model(**dict(zip(self.names, args))) if self.names else self.model(*args)
+        while not isinstance(out, torch.Tensor):
+            out = next(iter(out.values())) if isinstance(out, Mapping) else out[0]
+        return out
 
 
 def _export(
@@ -70,7 +95,9 @@ def _export(
     if dynamo:
         if dynamic_batch:
             batch = torch.export.Dim("batch")
-            kwargs["dynamic_shapes"] = tuple({0: batch} for _ in inputs)
+            shapes = tuple({0: batch} for _ in inputs)
+            # `_FirstOutput.forward(*args)`: torch.export names the shapes of variadic arguments by "args"
+            kwargs["dynamic_shapes"] = {"args": shapes} if isinstance(model, _FirstOutput) else shapes
         # The dynamo exporter prints progress lines on stdout; library code must not.
         with contextlib.redirect_stdout(io.StringIO()):
             program = torch.onnx.export(model, inputs, dynamo=True, verbose=False, **kwargs)

@@ -366,3 +366,21 @@ FAMILIES: list[Family] = [
     # share a Linear: one chain, collapsed into one layer.
     Family("torchvision", "VGG", "`VGG`, vgg11's classifier 64 wide", tv_vgg, images(56), IMAGES, 2, 1),
 ]
+
+
+def table() -> str:
+    """The README's "Supported models" table, from `FAMILIES` (bold: the exporter of the default run)."""
+    lines = [
+        "| library | family | model (random init) | MLP blocks found | layers after `collapse` "
+        "| dynamo export: sites collapsed | TorchScript export: sites collapsed |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for f in FAMILIES:
+        cells = []
+        for exporter in (DYNAMO, TORCHSCRIPT):
+            cell = "export fails¹" if exporter in f.xfail else str(f.sites)
+            cells.append(f"**{cell}**" if exporter == f.default else cell)
+        lines.append(
+            f"| {f.library} | {f.name} | {f.model} | {f.blocks} | {f.sites} | {cells[0]} | {cells[1]} |"
+        )
+    return "\n".join(lines) + "\n"

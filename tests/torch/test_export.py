@@ -93,3 +93,32 @@ def test_export_is_atomic_and_restores_training_mode(tmp_path, dynamo):
     assert target.read_bytes() == b"old"
     assert model.training
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_export_of_a_transformers_model_with_keyword_inputs(tmp_path, dynamo):
+    """A dict of keyword arguments names the inputs; the output is the ModelOutput's first tensor."""
+    pytest.importorskip("transformers")
+    from tests.torch.families import text
+
+    model = _tiny_bert_classifier()
+    inputs = text()(0)
+    path = export_onnx(model, inputs, tmp_path / "bert.onnx", dynamo=dynamo)
+    assert model.training  # restored
+    exported = onnx.load(str(path))
+    assert [i.name for i in exported.graph.input] == ["input_ids", "attention_mask"]
+    assert [o.name for o in exported.graph.output] == ["output"]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+    with torch.no_grad():
+        expected = model.eval()(**inputs).logits.numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def _tiny_bert_classifier():
+    import transformers
+
+    config = transformers.BertConfig(
+        vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    return transformers.BertForSequenceClassification(config).train()
