@@ -66,3 +66,35 @@ def test_chain_collapse_replays_in_order(tmp_path):
     fresh = models.vgg().eval()
     load_checkpoint(tmp_path / "c.pt", fresh)
     assert fresh.classifier[0].weight.shape == (10, 8)
+
+
+def test_checkpoint_of_a_data_flow_model_restores_without_example_inputs(tmp_path):
+    """GPT-2 (Conv1D MLPs, found only by data flow): one block collapsed, one still a PReLU; a fresh
+    model takes the checkpoint with no forward pass, from the block names stored in it."""
+    pytest.importorskip("transformers")
+    from tests.exports import randomise
+    from tests.torch.families import gpt2, text
+
+    torch.manual_seed(0)
+    model = gpt2(layers=2)
+    inputs = text()(0)
+    make_collapsible(model, example_inputs=inputs)
+    randomise(model)
+    with torch.no_grad():
+        model.h[1].mlp.act.weight.fill_(1.0)
+    steps = collapsible.collapse_steps(model, 0.05)
+    assert steps == [("h.1.mlp.c_fc", "h.1.mlp.c_proj")]
+    with torch.no_grad():
+        expected = model(**inputs).last_hidden_state
+    structure = Structure.of(model, [fc1 for fc1, _ in steps])
+    assert structure.blocks == [
+        {"slots": [f"h.{i}.mlp.c_fc", f"h.{i}.mlp.act", f"h.{i}.mlp.c_proj"], "act": f"h.{i}.mlp.act"}
+        for i in range(2)
+    ]
+    save_checkpoint(tmp_path / "c.pt", model, structure)
+
+    fresh = gpt2(layers=2).eval()
+    load_checkpoint(tmp_path / "c.pt", fresh)
+    assert [b.name for b in collapsible.prelu_blocks(fresh)] == ["h.0.mlp.act"]
+    with torch.no_grad():
+        assert torch.equal(fresh(**inputs).last_hidden_state, expected)
