@@ -9,7 +9,8 @@ Two spellings of `--model` (`parse`):
   knows (`vit`, `bert`, `clip_vision_model`, ...; `AutoConfig.for_model`) or a `config.json` / a
   directory holding one. For offline tests and from-scratch runs; there is no preprocessing to load.
 
-`overrides` (`--model-arg KEY=VALUE`) change config fields either way (`hidden_size=32`, `num_hidden_layers=2`).
+`overrides` (`--model-arg KEY=VALUE`) change config fields either way (`hidden_size=32`,
+`num_hidden_layers=2`).
 
 A task says which auto class builds the model: `image-classification`
 (`AutoModelForImageClassification`, a fresh head of `num_labels` outputs when the checkpoint's differs) or
@@ -67,6 +68,10 @@ class HFModel:
     pretrained: bool
     task: str = "image-classification"
     overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
 
     @property
     def spec(self) -> str:
