@@ -31,5 +31,7 @@ def feeds() -> Iterator[dict[str, np.ndarray]]:
     count = int(os.environ.get("LC_ONNX_CALIB_BATCHES", "16"))
     max_length = int(os.environ.get("LC_ONNX_MAX_LENGTH", "128"))
     for start in range(0, min(len(lines), batch * count), batch):
-        encoded = tokenizer(lines[start : start + batch], padding=True, truncation=True, max_length=max_length)
+        encoded = tokenizer(
+            lines[start : start + batch], padding=True, truncation=True, max_length=max_length
+        )
         yield {name: np.asarray(values, dtype=np.int64) for name, values in encoded.items()}

@@ -227,14 +227,9 @@ def channel_values(value: np.ndarray | None, feature_axis: int, d: int) -> np.nd
 
 
 def _size(tensor: gs.Tensor, constants: Constants) -> int:
-    """Element count of a float weight: from its value, else its static shape (a graph input), else 0."""
+    """Element count of a float constant; 0 for anything computed at run time (a reshape target)."""
     value = constants.value(tensor)
-    if value is not None:
-        return int(value.size) if _is_float(value.dtype) else 0
-    shape = tensor.shape
-    if shape is not None and all(isinstance(d, int) for d in shape):
-        return int(np.prod(shape))
-    return 0
+    return int(value.size) if value is not None and _is_float(value.dtype) else 0
 
 
 def exclusive_params(nodes: list[gs.Node], constants: Constants) -> int:

@@ -77,6 +77,28 @@ def test_conv1d_with_runtime_reshapes_collapses_and_keeps_the_outer_shape():
     assert lead.op_type == "Slice" and list(lead.input)[0] == "split_h/Concat_out"
     other = x3(16, (5, T), seed=4)  # another batch: the dynamic dim still works
     assert rel_l2(ort_outputs(result.model, other)[0], ort_outputs(model, other)[0]) <= EXACT
+    # Run-time reshape targets are computed, not weights: the site counts the same parameters as above.
+    site = result.report.sites[0]
+    assert (site.params_before, site.params_after) == (16 * 64 + 64 + 1 + 64 * 16 + 16, 16 * 16 + 16)
+
+
+def test_runtime_reshape_targets_do_not_count_as_parameters_in_the_growth_guard():
+    # 1 -> 1 -> 2 with a bias on the first layer only: W1, b1, W2 are 1 + 1 + 2 weights and the
+    # collapsed layer needs 2 + 2, so the guard refuses. The Concat targets ([3] int64 each, computed
+    # at run time) once counted as 3 parameters that would disappear, and the collapse went through.
+    g = GraphBuilder()
+    x = g.input("x", [2, "S", 1])
+    h = g.gemm(g.node("Reshape", [x, i64(g, "rows0", [-1, 1])]), 1, 1, trans_b=False, name="fc0")
+    h = g.node("Reshape", [h, runtime_shape(g, x, 1, "tokens0")], name="tokens0")
+    h = g.node("Reshape", [h, i64(g, "rows1", [-1, 1])], name="rows1")
+    y = g.gemm(h, 1, 2, trans_b=False, bias=False, name="fc1")
+    g.output(g.node("Reshape", [y, runtime_shape(g, x, 2, "tokens1")], name="tokens1"), [2, "S", 2])
+    model = g.model(opset=18)
+    result = lc_onnx.fuse(model)
+    [site] = result.report.sites
+    assert (site.decision, site.reason_kind) == ("skipped", "parameter_growth")
+    assert site.reason.startswith("collapsing would not reduce parameters: 4 -> 4 with biases")
+    assert op_types(result.model) == op_types(model)
 
 
 def test_matmul_then_flattened_gemm_gets_a_reshape_to_the_heads_shape():
