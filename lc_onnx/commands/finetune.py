@@ -13,8 +13,23 @@ Models: a timm name, `vgg-mlp`, `hf:DIR_OR_NAME` (a transformers image classifie
 from_pretrained, images as its image processor says) or `hf-config:TYPE_OR_DIR` (random weights from a
 config: a model type such as `vit`, or a config.json / directory; --model-arg sets config fields).
 
-Datasets: `digits` (scikit-learn's bundled 8x8 digits, upsampled to --img-size, fixed 1437/360 split) or
-an ImageFolder directory (DIR/train + DIR/test or DIR/val, else one folder split 80/20).
+Datasets: `digits` (scikit-learn's bundled 8x8 digits, upsampled to --img-size, fixed 1437/360 split),
+an ImageFolder directory (DIR/train + DIR/test or DIR/val, else one folder split 80/20), `text:FILE`
+(one example per line, the model's own tokenizer, --max-length; a fixed tenth held out by text) or
+--data FILE.py:FN (a function yielding feeds {input name: array}, as for calibration; every tenth feed
+held out).
+
+Objectives: `labels` (cross-entropy; the default for digits and ImageFolders) or `distill` (the default
+for text: and --data): post-training LayerCollapse without labels. The unmodified model is the teacher,
+the loss is the distance between its outputs and the student's (--distill-loss: cosine+mse of hidden
+states by default, kl at --temperature for logits) plus LAM times the penalty. Its defaults suit a
+pretrained transformer: --lr 5e-5, --slope-lr 2e-2, weight decay 0.01, batch 32 (labels: 1e-3, 3e-2, 0.05,
+64). At the end, targeted slopes still outside --threshold are set to 1 (--no-snap keeps them) and
+report.json's `fidelity` block compares teacher and student on the held-out inputs (mean-pooled cosine
+for hidden states, top-1 agreement for logits): at the start, before the collapse, after it in torch and
+for the fused ONNX model in onnxruntime. --max-drop D collapses one more block per stage (from the
+output end, --epochs each, up to --fraction of them) and keeps the deepest model whose fidelity stays
+within D of the unmodified model's (1.0).
 
 Several GPUs or processes: torchrun --nproc-per-node N -m lc_onnx.cli finetune ... (DistributedDataParallel).
 """
@@ -40,7 +55,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "or hf-config:TYPE_OR_DIR (random weights from a config, e.g. hf-config:vit)",
     )
     parser.add_argument(
-        "--dataset", default="digits", help="digits or an ImageFolder directory (default digits)"
+        "--dataset",
+        default="digits",
+        help="digits, an ImageFolder directory or text:FILE (one example per line) (default digits)",
+    )
+    parser.add_argument("--data", metavar="FILE.py:FN", help="feeds from a Python function (distill)")
+    parser.add_argument(
+        "--objective",
+        choices=["labels", "distill"],
+        help="labels (cross-entropy) or distill (the unmodified model as teacher, no labels); "
+        "default: distill for text: and --data, else labels",
+    )
+    parser.add_argument(
+        "--distill-loss",
+        choices=["cosine+mse", "cosine", "mse", "kl"],
+        help="distill: cosine+mse (default for hidden states), cosine, mse, or kl (default for logits)",
+    )
+    parser.add_argument("--temperature", type=float, default=1.0, help="distill: kl temperature (default 1)")
+    parser.add_argument(
+        "--max-length", type=int, default=128, help="text: tokens per example at most (default 128)"
+    )
+    parser.add_argument(
+        "--no-snap", action="store_true", help="distill: keep slopes still outside --threshold at the end"
+    )
+    parser.add_argument(
+        "--max-drop",
+        type=float,
+        metavar="D",
+        help="distill: adaptive depth; keep the deepest collapse whose held-out fidelity stays within D",
     )
     parser.add_argument(
         "--fraction",
@@ -65,10 +107,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--img-size", type=int, default=16, help="input size (default 16)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=64, help="per process (default 64)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate, cosine decay")
+    parser.add_argument("--batch-size", type=int, help="per process (default 64; distill 32)")
     parser.add_argument(
-        "--slope-lr", type=float, default=3e-2, help="learning rate of the PReLU slopes (default 3e-2)"
+        "--lr", type=float, help="AdamW learning rate, cosine decay (default 1e-3; distill 5e-5)"
+    )
+    parser.add_argument(
+        "--slope-lr", type=float, help="learning rate of the PReLU slopes (default 3e-2; distill 2e-2)"
     )
     parser.add_argument(
         "--init", type=float, help="initial PReLU slope (default: 0.01, LeakyReLU keeps its own)"
@@ -124,9 +168,25 @@ def run(args: argparse.Namespace) -> int:
         model_kwargs=parse_model_args(args.model_arg),
         checkpoint=args.checkpoint,
         progress=not args.no_progress,
+        objective=args.objective,
+        data=args.data,
+        distill_loss=args.distill_loss,
+        temperature=args.temperature,
+        max_length=args.max_length,
+        snap=not args.no_snap,
+        max_drop=args.max_drop,
     )
     report = finetune(cfg)
-    if report:
+    if report and "fidelity" in report:
+        fid, blocks, params = report["fidelity"], report["blocks"], report["params"]
+        print(
+            f"{args.out}: {blocks['collapsed']}/{blocks['total']} MLP blocks collapsed "
+            f"({len(blocks['snapped'])} snapped); held-out {fid['metric']} to the original "
+            f"{fid['start']:.4f} at the start, {fid['before_collapse']:.4f} before collapse, "
+            f"{fid['after_collapse_torch']:.4f} after (torch), {fid['after_collapse_onnxruntime']:.4f} "
+            f"(onnxruntime, fused); parameters {params['start']:,} -> {params['after_collapse_torch']:,}"
+        )
+    elif report:
         acc, params = report["accuracy"], report["params"]
         blocks = report["blocks"]
         print(

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from lc_onnx.torch import collapsible
 from lc_onnx.torch.data import Splits
 from lc_onnx.torch.evaluate import accuracy, count_params, torch_predict
-from lc_onnx.torch.loop import cosine, make_optimizer, set_lr_scale, train_epoch
+from lc_onnx.torch.loop import cosine, labelled, make_optimizer, set_lr_scale, train_epoch
 
 
 def collapsed_student(build: Callable[[], nn.Module], fraction: float = 1.0) -> nn.Module:
@@ -67,7 +67,7 @@ def distill(
     started = time.perf_counter()
     for epoch in range(epochs):
         set_lr_scale(opt, cosine(epoch, epochs))
-        train_epoch(student, student, loader, opt, loss_fn, device)
+        train_epoch(student, student, loader, opt, labelled(loss_fn), device)
     seconds = time.perf_counter() - started
     return {
         "accuracy": accuracy(torch_predict(student, device), splits.test),

@@ -32,6 +32,7 @@ def export_onnx(
     *,
     dynamo: bool = True,
     dynamic_batch: bool = True,
+    dynamic_sequence: bool = False,
 ) -> Path:
     """Export `model` (in eval mode) to `path`, written atomically; returns the path.
 
@@ -43,6 +44,8 @@ def export_onnx(
             tensor (`logits`, `last_hidden_state`).
         dynamo: `True` for the `torch.export`-based exporter, `False` for the TorchScript one.
         dynamic_batch: make dimension 0 of every input and output symbolic (`batch`).
+        dynamic_sequence: make dimension 1 of every input, and of outputs of rank 3 or more, symbolic
+            (`sequence`): token inputs of any length, as a tokenizer pads them.
     """
     was_training = model.training
     if isinstance(example_inputs, Mapping):
@@ -58,7 +61,14 @@ def export_onnx(
     model.eval()
     try:
         with files.atomic_path(path) as tmp:
-            _export(module, inputs, tmp, input_names, dynamo=dynamo, dynamic_batch=dynamic_batch)
+            _export(
+                module,
+                inputs,
+                tmp,
+                input_names,
+                dynamo=dynamo,
+                dims=_dynamic_dims(dynamic_batch, dynamic_sequence),
+            )
     finally:
         model.train(was_training)
     logger.info("exported %s (%s exporter)", path, "dynamo" if dynamo else "TorchScript")
@@ -81,6 +91,11 @@ class _FirstOutput(nn.Module):
         return out
 
 
+def _dynamic_dims(batch: bool, sequence: bool) -> dict[int, str]:
+    """The symbolic dims of every input: dimension -> name."""
+    return {**({0: "batch"} if batch else {}), **({1: "sequence"} if sequence else {})}
+
+
 def _export(
     model: nn.Module,
     inputs: tuple[torch.Tensor, ...],
@@ -88,14 +103,15 @@ def _export(
     input_names: list[str],
     *,
     dynamo: bool,
-    dynamic_batch: bool,
+    dims: Mapping[int, str],
 ) -> None:
-    """Run the chosen torch exporter on `model`, writing the ONNX file `path`."""
+    """Run the chosen torch exporter on `model`, writing the ONNX file `path`; `dims` of every input
+    (and of the output, where it has them) are symbolic."""
     kwargs: dict = {"input_names": input_names, "output_names": ["output"], "opset_version": OPSET}
     if dynamo:
-        if dynamic_batch:
-            batch = torch.export.Dim("batch")
-            shapes = tuple({0: batch} for _ in inputs)
+        if dims:
+            named = {axis: torch.export.Dim(name) for axis, name in dims.items()}
+            shapes = tuple(dict(named) for _ in inputs)
             # `_FirstOutput.forward(*args)`: torch.export names the shapes of variadic arguments by "args"
             kwargs["dynamic_shapes"] = {"args": shapes} if isinstance(model, _FirstOutput) else shapes
         # The dynamo exporter prints progress lines on stdout; library code must not.
@@ -104,8 +120,11 @@ def _export(
         # Tensors inline in the .onnx file: the models this is for are far below 2 GiB.
         program.save(str(path), external_data=False)
     else:
-        if dynamic_batch:
-            kwargs["dynamic_axes"] = {name: {0: "batch"} for name in [*input_names, "output"]}
+        if dims:
+            with torch.no_grad():
+                rank = model(*inputs).dim()
+            out_dims = {axis: name for axis, name in dims.items() if axis == 0 or rank >= 3}
+            kwargs["dynamic_axes"] = {**{name: dict(dims) for name in input_names}, "output": out_dims}
         with warnings.catch_warnings():
             # Tracing warns about every Python branch on shapes in timm's forward; they are harmless
             # for a fixed architecture and would bury real warnings.

@@ -38,6 +38,15 @@ PRETRAINED, FROM_CONFIG = "hf:", "hf-config:"
 TASKS = {"image-classification": "AutoModelForImageClassification", "features": "AutoModel"}
 
 
+def hide_progress() -> None:
+    """Turn off transformers' own progress bars (loading weights) for this process, where installed."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
+
+
 def parse(
     spec: str, task: str = "image-classification", overrides: Mapping[str, Any] | None = None
 ) -> HFModel | None:

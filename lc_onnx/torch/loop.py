@@ -26,6 +26,11 @@ from lc_onnx.torch import collapsible
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """`loss_fn(model, x, y, logits)` -> scalar; `model` is the unwrapped module (not the DDP wrapper)."""
 
+Step = Callable[[nn.Module, nn.Module, Any, torch.device], tuple[torch.Tensor, dict[str, float]]]
+"""`step(model, raw, batch, device)` -> (loss, sums): the forward of one batch through `model` (perhaps
+the DDP wrapper of `raw`) and its loss; `sums` are this batch's totals to add up over the epoch: `seen`
+(examples) always, `correct` (top-1 hits) where there are labels."""
+
 
 @dataclass
 class Dist:
@@ -67,16 +72,21 @@ def wrap(model: nn.Module, ctx: Dist) -> nn.Module:
 
 
 def train_loader(
-    dataset: Dataset, batch_size: int, seed: int, ctx: Dist
+    dataset: Dataset, batch_size: int | None, seed: int, ctx: Dist, collate_fn: Callable | None = None
 ) -> tuple[DataLoader, DistributedSampler | None]:
     """A shuffling loader over this process's shard of `dataset`, and the sampler that needs
-    `set_epoch` (None when running alone)."""
+    `set_epoch` (None when running alone). `batch_size=None`: the dataset's items are batches already."""
     sampler = None
     if dist.is_initialized():
         sampler = DistributedSampler(dataset, num_replicas=ctx.world, rank=ctx.rank, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, generator=gen
+        dataset,
+        batch_size=batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=gen,
+        collate_fn=collate_fn,
     )
     return loader, sampler
 
@@ -130,41 +140,54 @@ def cosine(epoch: int, epochs: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * epoch / max(epochs, 1)))
 
 
+def labelled(loss_fn: LossFn) -> Step:
+    """The `Step` of `(input, label)` batches: logits of the input, `loss_fn`, top-1 hits."""
+
+    def step(model: nn.Module, raw: nn.Module, batch: Any, device: torch.device):
+        x, y = (t.to(device) for t in batch)
+        logits = model(x)
+        return loss_fn(raw, x, y, logits), {"seen": len(y), "correct": float((logits.argmax(1) == y).sum())}
+
+    return step
+
+
 def train_epoch(
     model: nn.Module,
     raw: nn.Module,
     loader: DataLoader,
     opt: torch.optim.Optimizer,
-    loss_fn: LossFn,
+    step: Step,
     device: torch.device,
     *,
     desc: str = "",
     progress: bool = False,
 ) -> dict[str, float]:
-    """One pass over `loader` through `model` (perhaps DDP-wrapped `raw`), `loss_fn` called on `raw`.
+    """One pass over `loader`: `step` on every batch, then a gradient step on its loss.
 
     Returns:
-        `{"train_loss", "train_acc"}`: mean loss and accuracy in percent, over all ranks.
+        `{"train_loss"}` (the mean loss per example) and, where `step` counts hits, `"train_acc"` (in
+        percent), over all ranks.
     """
     from tqdm import tqdm
 
     model.train()
-    total_loss = correct = seen = 0.0
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
-        x, y = x.to(device), y.to(device)
-        logits = model(x)
-        loss = loss_fn(raw, x, y, logits)
+    totals: dict[str, float] = {}
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        loss, sums = step(model, raw, batch, device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        total_loss += float(loss.detach()) * len(y)
-        correct += float((logits.argmax(1) == y).sum())
-        seen += len(y)
+        for key, value in {**sums, "loss": float(loss.detach()) * sums["seen"]}.items():
+            totals[key] = totals.get(key, 0.0) + value
+    keys = sorted(totals)
     if dist.is_initialized():  # every rank saw its own shard: report the whole epoch
-        totals = torch.tensor([total_loss, correct, seen], dtype=torch.float64, device=device)
-        dist.all_reduce(totals)
-        total_loss, correct, seen = totals.tolist()
-    return {"train_loss": total_loss / seen, "train_acc": 100.0 * correct / seen}
+        summed = torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=device)
+        dist.all_reduce(summed)
+        totals = dict(zip(keys, summed.tolist()))
+    stats = {"train_loss": totals["loss"] / totals["seen"]}
+    if "correct" in totals:
+        stats["train_acc"] = 100.0 * totals["correct"] / totals["seen"]
+    return stats
 
 
 class Trainer:
@@ -174,7 +197,8 @@ class Trainer:
     Args:
         model: the unwrapped module, on `ctx.device`.
         dataset: the training set (each process trains on its own shard).
-        loss_fn: see `LossFn`.
+        step: the forward and loss of one batch (`labelled(loss_fn)` for `(input, label)` batches).
+        collate_fn: how the loader makes batches of the dataset's items (None: torch's default).
         progress: show a progress bar (rank 0 only).
     """
 
@@ -183,30 +207,31 @@ class Trainer:
         model: nn.Module,
         ctx: Dist,
         dataset: Dataset,
-        loss_fn: LossFn,
+        step: Step,
         *,
         lr: float,
         slope_lr: float,
         weight_decay: float,
         batch_size: int,
         seed: int,
+        collate_fn: Callable | None = None,
         progress: bool = False,
     ) -> None:
         self.raw = model
         self.ctx = ctx
-        self.loss_fn = loss_fn
+        self.step = step
         self.lr, self.slope_lr, self.weight_decay = lr, slope_lr, weight_decay
         self.progress = progress and ctx.main
         self.scale = 1.0
         self.model = wrap(model, ctx)
         self.opt = make_optimizer(model, lr, weight_decay, slope_lr)
-        self.loader, self.sampler = train_loader(dataset, batch_size, seed, ctx)
+        self.loader, self.sampler = train_loader(dataset, batch_size, seed, ctx, collate_fn)
 
     def train(self, epoch: int, epochs: int) -> dict[str, float]:
         """Train epoch `epoch` (0-based) of `epochs`.
 
         Returns:
-            `{"lr", "train_loss", "train_acc", "seconds"}`: the epoch's base learning rate, the
+            `{"lr", "train_loss", ["train_acc",] "seconds"}`: the epoch's base learning rate, the
             `train_epoch` statistics and its wall time.
         """
         if self.sampler is not None:
@@ -219,7 +244,7 @@ class Trainer:
             self.raw,
             self.loader,
             self.opt,
-            self.loss_fn,
+            self.step,
             self.ctx.device,
             desc=f"epoch {epoch + 1}/{epochs}",
             progress=self.progress,

@@ -18,7 +18,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,11 @@ from torch.utils.data import Dataset
 
 from lc_onnx import files
 from lc_onnx.errors import UserError
-from lc_onnx.torch import collapsible, data, models
+from lc_onnx.torch import collapsible, data, hf, models
 from lc_onnx.torch.checkpoint import Structure, load_checkpoint, save_checkpoint
 from lc_onnx.torch.evaluate import accuracy, count_params, onnx_predict, torch_predict
 from lc_onnx.torch.export import export_onnx
-from lc_onnx.torch.loop import Dist, LossFn, Trainer, distributed
+from lc_onnx.torch.loop import Dist, LossFn, Trainer, distributed, labelled
 from lc_onnx.torch.schedule import Collapsed, Collapser
 
 logger = logging.getLogger(__name__)
@@ -56,15 +56,46 @@ class FinetuneConfig:
     pretrained: bool = False
     img_size: int = 16
     seed: int = 0
-    batch_size: int = 64
-    lr: float = 1e-3
-    slope_lr: float = 3e-2
-    weight_decay: float = 0.05
+    batch_size: int | None = None
+    lr: float | None = None
+    slope_lr: float | None = None
+    weight_decay: float | None = None
     init: float | None = None
     max_error: float = 0.05
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)
     checkpoint: Path | None = None
     progress: bool = True
+    objective: str | None = None  # `labels` or `distill`; None: `distill` for text: and data, else labels
+    data: str | None = None  # FILE.py:FN yielding feeds (distill)
+    distill_loss: str | None = None  # None: `cosine+mse` for hidden states, `kl` for logits
+    temperature: float = 1.0
+    max_length: int = 128
+    snap: bool = True
+    max_drop: float | None = None
+
+
+OBJECTIVES = ("labels", "distill")
+# Per objective, the settings left None. Training from scratch (labels) wants AdamW at 1e-3; a pretrained
+# transformer distilled into itself moves far less: 5e-5 is the usual fine-tuning rate for BERT-sized
+# models, the slopes move at 2e-2 per step (0.01 to 1 in about 50 steps) and weight decay stays low so
+# the pretrained weights are not pulled towards 0.
+DEFAULTS = {
+    "labels": {"lr": 1e-3, "slope_lr": 3e-2, "weight_decay": 0.05, "batch_size": 64},
+    "distill": {"lr": 5e-5, "slope_lr": 2e-2, "weight_decay": 0.01, "batch_size": 32},
+}
+
+
+def resolve(cfg: FinetuneConfig) -> FinetuneConfig:
+    """`cfg` with the objective and every setting left None filled in (see `DEFAULTS`)."""
+    objective = cfg.objective
+    if objective is None:
+        objective = "distill" if cfg.data is not None or cfg.dataset.startswith("text:") else "labels"
+    if objective not in OBJECTIVES:
+        raise UserError(
+            f"{{objective}} {objective!r}: choose from {', '.join(OBJECTIVES)}", params=["objective"]
+        )
+    filled = {k: v for k, v in DEFAULTS[objective].items() if getattr(cfg, k) is None}
+    return replace(cfg, objective=objective, **filled)
 
 
 @dataclass
@@ -87,8 +118,16 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     Raises:
         UserError: a bad setting (naming the `FinetuneConfig` field), model, dataset or checkpoint.
     """
+    cfg = resolve(cfg)
     check_config(cfg)
+    if not cfg.progress:
+        hf.hide_progress()
     with distributed() as ctx:
+        if cfg.objective == "distill":
+            from lc_onnx.torch import posttrain
+
+            # The output directory is made once the model and data have loaded (nothing half-written).
+            return posttrain.run(cfg, ctx, (lambda: _Outputs(cfg.out).epoch) if ctx.main else None)
         return _finetune(cfg, ctx)
 
 
@@ -104,6 +143,21 @@ def check_config(cfg: FinetuneConfig) -> None:
         )
     if cfg.epochs < 1:
         raise UserError(f"{{epochs}} {cfg.epochs}: must be at least 1", params=["epochs"])
+    if cfg.objective == "labels":
+        if cfg.data is not None or cfg.dataset.startswith("text:"):
+            raise UserError(
+                "{objective} labels needs a labelled image dataset (digits or an ImageFolder); "
+                "text: and {data} have no labels (use distill)",
+                params=["objective", "data"],
+            )
+        if cfg.max_drop is not None:
+            raise UserError("{max_drop} is for {objective} distill", params=["max_drop", "objective"])
+    if cfg.max_drop is not None and not 0.0 <= cfg.max_drop <= 1.0:
+        raise UserError(f"{{max_drop}} {cfg.max_drop}: must be in [0, 1]", params=["max_drop"])
+    if cfg.max_length < 2:
+        raise UserError(f"{{max_length}} {cfg.max_length}: must be at least 2", params=["max_length"])
+    if cfg.objective == "distill" and cfg.checkpoint is not None:
+        raise UserError("{checkpoint} is for {objective} labels", params=["checkpoint", "objective"])
 
 
 def _finetune(cfg: FinetuneConfig, ctx: Dist) -> dict[str, Any]:
@@ -125,7 +179,7 @@ def _finetune(cfg: FinetuneConfig, ctx: Dist) -> dict[str, Any]:
         model,
         ctx,
         splits.train,
-        _penalised_loss(cfg.lam),
+        labelled(_penalised_loss(cfg.lam)),
         lr=cfg.lr,
         slope_lr=cfg.slope_lr,
         weight_decay=cfg.weight_decay,

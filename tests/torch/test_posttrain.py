@@ -1,0 +1,191 @@
+"""`lc-onnx finetune --objective distill`: post-training LayerCollapse on unlabeled text, a small random
+BERT saved with its own WordPiece tokenizer (as `from_pretrained` directories are), end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+onnx = pytest.importorskip("onnx")
+
+from lc_onnx import runtime  # noqa: E402
+from lc_onnx.cli import main  # noqa: E402
+from lc_onnx.torch.fidelity import pooled_cosine  # noqa: E402
+
+WORDS = [
+    "the",
+    "a",
+    "an",
+    "of",
+    "to",
+    "in",
+    "is",
+    "was",
+    "for",
+    "on",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "it",
+    "this",
+    "that",
+    "be",
+    "are",
+    "or",
+    "and",
+    "not",
+    "can",
+    "function",
+    "class",
+    "module",
+    "value",
+    "object",
+    "name",
+    "type",
+    "list",
+    "string",
+    "file",
+    "data",
+    "return",
+    "call",
+    "method",
+    "error",
+    "code",
+]
+LAYERS = 4
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    """A 4-layer BERT (hidden 32, FFN 64) with random weights and a tokenizer, saved as a directory."""
+    root = tmp_path_factory.mktemp("bert")
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    tokenizer = transformers.BertTokenizerFast(vocab_file=str(vocab))
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    model = transformers.BertModel(config)
+    model_dir = root / "model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    lines = [" ".join(rng.choice(WORDS, size=int(rng.integers(4, 14)))) for _ in range(240)]
+    path = tmp_path_factory.mktemp("text") / "lines.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def held_out_cosine(model_dir, fused_path, text_file) -> float:
+    """Mean-pooled cosine of the fused ONNX model to the original torch model, computed here from the
+    tokenizer and the split rule (every line whose CRC-32 is divisible by 10), not from the report."""
+    import zlib
+
+    lines = [line for line in text_file.read_text().splitlines() if line.strip()]
+    held = [line for line in lines if zlib.crc32(line.encode()) % 10 == 0]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    batch = tokenizer(held, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        teacher = transformers.AutoModel.from_pretrained(model_dir).eval()(**batch).last_hidden_state
+    session = runtime.session(fused_path)
+    names = [i.name for i in session.get_inputs()]
+    got = session.run(None, {k: v.numpy() for k, v in batch.items() if k in names})[0]
+    return float(pooled_cosine(torch.from_numpy(got), teacher, batch["attention_mask"]).mean())
+
+
+def test_distill_on_text_collapses_the_last_half_and_keeps_the_embeddings(bert_dir, text_file, tmp_path):
+    out = tmp_path / "run"
+    os.chdir(tmp_path)
+    args = ["finetune", "--model", f"hf:{bert_dir}", "--dataset", f"text:{text_file}", "--fraction", "0.5"]
+    args += ["--epochs", "2", "--out", str(out), "--no-progress", "--lr", "1e-3", "--batch-size", "16"]
+    assert main(args) == 0  # the objective is distill by default for text:
+    report = json.loads((out / "report.json").read_text())
+    assert report["objective"] == "distill" and report["distill_loss"] == "cosine+mse"
+    blocks = report["blocks"]
+    assert (blocks["total"], blocks["targeted"], blocks["collapsed"]) == (LAYERS, 2, 2)
+    assert blocks["not_collapsed"] == {}
+    fid = report["fidelity"]
+    assert fid["metric"] == "mean_pooled_cosine"
+    assert set(fid) >= {"start", "before_collapse", "after_collapse_torch", "after_collapse_onnxruntime"}
+    # the fused export computes what the collapsed torch model computes
+    assert fid["after_collapse_onnxruntime"] == pytest.approx(fid["after_collapse_torch"], abs=1e-4)
+    measured = held_out_cosine(bert_dir, out / "model.collapsed.onnx", text_file)
+    assert measured == pytest.approx(fid["after_collapse_onnxruntime"], abs=1e-4)
+    assert measured >= 0.8
+    # the export: the tokenizer's input names, batch and sequence dynamic, hidden states out
+    model = onnx.load(str(out / "model.collapsed.onnx"))
+    inputs = {
+        i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input
+    }
+    assert set(inputs) <= {"input_ids", "token_type_ids", "attention_mask"} and "input_ids" in inputs
+    assert all(dims == ["batch", "sequence"] for dims in inputs.values())
+    ops = [n.op_type for n in model.graph.node]
+    # the 2 targeted FFNs are one MatMul (+ Add) each; the 2 others keep fc1, GELU, fc2
+    assert "PRelu" not in ops and ops.count("Erf") == LAYERS - 2
+    # 2 blocks of 32 -> 64 -> 32 (+ biases and the slope) became 32 -> 32
+    removed = report["params"]["start"] - report["params"]["after_collapse_torch"]
+    assert removed == 2 * ((32 * 64 + 64) + (64 * 32 + 32) - (32 * 32 + 32))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and all("mean_pooled_cosine" in r for r in rows)
+
+
+def test_adaptive_depth_stops_at_the_budget(bert_dir, text_file, tmp_path):
+    out = tmp_path / "run"
+    args = ["finetune", "--model", f"hf:{bert_dir}", "--dataset", f"text:{text_file}", "--fraction", "1"]
+    args += ["--epochs", "1", "--out", str(out), "--no-progress", "--lr", "1e-3", "--batch-size", "16"]
+    args += ["--max-drop", "0.0"]  # nothing may be lost: the first stage already costs some cosine
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    adaptive = report["adaptive"]
+    assert adaptive["blocks_reached"] == 0 and len(adaptive["stages"]) == 1
+    assert adaptive["stages"][0]["block"] == f"encoder.layer.{LAYERS - 1}.intermediate.intermediate_act_fn"
+    assert adaptive["stages"][0]["drop"] > 0.0 and "kept 0 block(s)" in adaptive["stopped"]
+    assert report["blocks"]["collapsed"] == 0
+    # the model kept is the unmodified one: the export computes the teacher's outputs
+    assert report["fidelity"]["after_collapse_onnxruntime"] == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d, t: ["--dataset", f"text:{t.parent / 'missing.txt'}"], "no such file"),
+        (lambda d, t: ["--dataset", f"text:{_empty(t)}"], "has no text"),
+        (lambda d, t: ["--dataset", f"text:{t}", "--model", "hf-config:bert"], "has no tokenizer"),
+        (lambda d, t: ["--dataset", f"text:{t}", "--model", "vgg-mlp"], "text needs a transformers model"),
+        (lambda d, t: ["--dataset", f"text:{t}", "--distill-loss", "kl"], "kl compares logits"),
+        (lambda d, t: ["--dataset", f"text:{t}", "--objective", "labels"], "--data have no labels"),
+    ],
+    ids=["missing-file", "empty-file", "no-tokenizer", "not-transformers", "loss-cannot-compare", "labels"],
+)
+def test_bad_input_is_one_line_and_writes_nothing(bert_dir, text_file, tmp_path, capsys, make, message):
+    out = tmp_path / "run"
+    args = ["finetune", "--model", f"hf:{bert_dir}", "--out", str(out), "--no-progress", "--epochs", "1"]
+    args += make(bert_dir, text_file)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def _empty(text_file):
+    path = text_file.parent / "empty.txt"
+    path.write_text("\n \n")
+    return path
