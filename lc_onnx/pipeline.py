@@ -156,7 +156,7 @@ def fuse(
             fused_source = str(staged) if staged is not None else fused.proto.SerializeToString()
             report.verification = compare(original_source, fused_source, feed_list)
         elif changed:
-            report.verification = Verification(note="verification disabled (--no-verify)")
+            report.verification = Verification(note="verification disabled")
         report.seconds = time.perf_counter() - start
         verification = report.verification
         breach = verification.breach(max_error, max_abs_error)

@@ -411,3 +411,10 @@ def test_nothing_to_collapse_returns_the_same_graph():
     result = lc_onnx.fuse(model)
     assert result.model.SerializeToString() == model.SerializeToString()
     assert result.report.verification.outputs == {}
+
+
+def test_disabled_verification_note_names_no_command_line_flag():
+    # The library speaks in parameters: a Python caller passed verify=False, not --no-verify.
+    result = lc_onnx.fuse(mlp2(prelu_one), verify=False)
+    assert result.collapsed == 1
+    assert result.report.verification.note == "verification disabled"
