@@ -168,6 +168,20 @@ def test_demo_collapses_and_verifies(tmp_path, capsys):
     ]
     assert max(o["rel_l2"] for o in report["verification"]["outputs"].values()) < 1e-2
     assert files(tmp_path) == ["demo.collapsed.onnx", "demo.onnx", "report.json"]
+    out = capsys.readouterr().out  # the summary, as `fuse` prints it, not the JSON report
+    assert out.startswith("2 of 3 site(s) collapsed\n") and "verified on 1 feed(s)" in out
+    assert '"sites"' not in out
+
+
+def test_demo_json_prints_the_report_and_nothing_else(tmp_path, capsys):
+    assert cli.main(["demo", "--out", str(tmp_path), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((tmp_path / "report.json").read_text())
+    assert sorted((s["decision"], s["reason_kind"]) for s in printed["sites"]) == [
+        ("collapsed", "exact"),
+        ("collapsed", "near_linear"),
+        ("skipped", "not_linear"),
+    ]
 
 
 def test_readme_set_up_blocks_are_what_ci_runs():
