@@ -56,8 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--dataset",
-        default="digits",
-        help="digits, an ImageFolder directory or text:FILE (one example per line) (default digits)",
+        help="digits, an ImageFolder directory or text:FILE (one example per line) (default digits, "
+        "unless --data gives the feeds)",
     )
     parser.add_argument("--data", metavar="FILE.py:FN", help="feeds from a Python function (distill)")
     parser.add_argument(

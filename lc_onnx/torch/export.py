@@ -48,13 +48,12 @@ def export_onnx(
             (`sequence`): token inputs of any length, as a tokenizer pads them.
     """
     was_training = model.training
+    input_names = export_input_names(example_inputs)
     if isinstance(example_inputs, Mapping):
-        input_names = list(example_inputs)
         inputs = tuple(example_inputs.values())
         module: nn.Module = _FirstOutput(model, input_names).eval()
     else:
         inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-        input_names = ["input"] + [f"input_{i}" for i in range(1, len(inputs))]
         # transformers models return a ModelOutput; others are exported as they are
         module = _FirstOutput(model, None).eval() if hasattr(model, "config") else model
     path = Path(path)
@@ -73,6 +72,17 @@ def export_onnx(
         model.train(was_training)
     logger.info("exported %s (%s exporter)", path, "dynamo" if dynamo else "TorchScript")
     return path
+
+
+def export_input_names(
+    example_inputs: torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
+) -> list[str]:
+    """The ONNX input names `export_onnx` gives these example inputs (before the exporter drops unused
+    ones): a dict's keys, else `input`, `input_1`, ..."""
+    if isinstance(example_inputs, Mapping):
+        return list(example_inputs)
+    n = 1 if isinstance(example_inputs, torch.Tensor) else len(example_inputs)
+    return ["input"] + [f"input_{i}" for i in range(1, n)]
 
 
 class _FirstOutput(nn.Module):
@@ -114,8 +124,10 @@ def _export(
             shapes = tuple(dict(named) for _ in inputs)
             # `_FirstOutput.forward(*args)`: torch.export names the shapes of variadic arguments by "args"
             kwargs["dynamic_shapes"] = {"args": shapes} if isinstance(model, _FirstOutput) else shapes
-        # The dynamo exporter prints progress lines on stdout; library code must not.
-        with contextlib.redirect_stdout(io.StringIO()):
+        # The dynamo exporter prints progress lines on stdout; library code must not. Inputs sharing one
+        # dim (every input's `batch`) make it warn that the name is used once: that is the intent.
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="# The axis name", category=UserWarning)
             program = torch.onnx.export(model, inputs, dynamo=True, verbose=False, **kwargs)
         # Tensors inline in the .onnx file: the models this is for are far below 2 GiB.
         program.save(str(path), external_data=False)

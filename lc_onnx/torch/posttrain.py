@@ -29,7 +29,6 @@ Data (`PostTrainingData`):
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import time
@@ -43,12 +42,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lc_onnx import files, io, runtime
+from lc_onnx import runtime
 from lc_onnx.errors import UserError
-from lc_onnx.torch import collapsible, data, fidelity, hf, models, textdata
-from lc_onnx.torch.checkpoint import Structure, save_checkpoint
+from lc_onnx.torch import adaptive, collapsible, data, endstep, fidelity, hf, models, textdata
 from lc_onnx.torch.evaluate import count_params
-from lc_onnx.torch.export import export_onnx
+from lc_onnx.torch.export import export_input_names
 from lc_onnx.torch.loop import Dist, Step, Trainer
 from lc_onnx.torch.schedule import Collapser
 
@@ -235,18 +233,14 @@ class Fidelity:
             model.train(was_training)
         return self.measure(got)
 
-    def onnx(self, path: Path) -> dict[str, float]:
-        """The same measure for an ONNX model run in onnxruntime (feeds limited to its inputs)."""
+    def onnx(self, path: Path, names: Sequence[str]) -> dict[str, float]:
+        """The same measure for an ONNX model run in onnxruntime; `names` are the export's input names
+        for the batches' tensors (those the export dropped are left out)."""
         session = runtime.session(path, optimization="all")
-        names = [i.name for i in session.get_inputs()]
+        kept = {i.name for i in session.get_inputs()}
         got = []
-        for b in self.batches:
-            values = list(b.values())
-            feed = (
-                {k: v.numpy() for k, v in b.items() if k in names}
-                if self.outputs.keyword
-                else dict(zip(names, (v.numpy() for v in values)))
-            )
+        for batch in self.batches:
+            feed = {k: v for k, v in _numpy_feed(batch, names).items() if k in kept}
             out = runtime.run(session, feed, None, on="held-out inputs", what=path.name)
             got.append(torch.from_numpy(next(iter(out.values()))))
         return self.measure(got)
@@ -293,23 +287,6 @@ def check_outputs(outputs: Outputs, teacher: nn.Module, batch: Mapping[str, torc
     return hidden
 
 
-def snap(model: nn.Module, threshold: float, only: set[str] | None = None) -> dict[str, float]:
-    """Set every PReLU block's slopes to 1 where some slope is further than `threshold` from 1; returns
-    activation name -> the largest |slope - 1| it had."""
-    snapped = {}
-    for block in collapsible.prelu_blocks(model):
-        if only is not None and block.name not in only:
-            continue
-        gap = float((block.act.weight.detach() - 1.0).abs().max())
-        if gap > threshold:
-            with torch.no_grad():
-                block.act.weight.fill_(1.0)
-            snapped[block.name] = gap
-    if snapped:
-        logger.info("snapped %d slope(s) to 1: %s", len(snapped), snapped)
-    return snapped
-
-
 @dataclass
 class _Run:
     """What the training part hands to the end step."""
@@ -319,8 +296,7 @@ class _Run:
     steps: list[str]  # fc1 names collapsed during training, in order
     collapsed: list[str]  # activation names collapsed during training
     targets: list[str]  # activation names of every targeted block
-    stages: list[dict[str, Any]]  # adaptive depth: one row per stage tried
-    stopped: str | None  # adaptive depth: why it stopped
+    depth: adaptive.Depth | None = None  # the adaptive search, when there was one
 
 
 MetricsWriter = Callable[[dict[str, Any], nn.Module, Sequence[str]], None]
@@ -393,7 +369,7 @@ def _train(cfg, ctx, student, step, splits, measure, out_metrics, params_start) 
         if out_metrics is not None:
             out_metrics(row, student, collapser.steps)
     targets = sorted(set(targets) | set(collapser.collapsed))
-    return _Run(start, params_start, collapser.steps, collapser.collapsed, targets, [], None)
+    return _Run(start, params_start, collapser.steps, collapser.collapsed, targets)
 
 
 def _adaptive(cfg, ctx, student, step, splits, measure, out_metrics, params_start):
@@ -401,33 +377,27 @@ def _adaptive(cfg, ctx, student, step, splits, measure, out_metrics, params_star
     names = [b.name for b in collapsible.find_blocks(student)]
     limit = math.ceil(max(cfg.fractions) * len(names))
     start = measure.torch(student, ctx.device)
-    kept, steps, collapsed, stages = copy.deepcopy(student), [], [], []
-    stopped = f"all {limit} targeted block(s) collapsed within max_drop {cfg.max_drop}"
-    for k, name in enumerate(reversed(names[len(names) - limit :]), start=1):
-        collapsible.convert_blocks([b for b in collapsible.find_blocks(student) if b.name == name], cfg.init)
-        trainer = _trainer(cfg, ctx, student, step, splits)
+
+    def train_stage(model: nn.Module, k: int) -> None:
+        trainer = _trainer(cfg, ctx, model, step, splits)
         for epoch in range(1, cfg.epochs + 1):
             row = {"stage": k, "epoch": epoch, **trainer.train(epoch - 1, cfg.epochs)}
-            row.update(_epoch_row(student, measure, ctx))
+            row.update(_epoch_row(model, measure, ctx))
             if out_metrics is not None:
-                out_metrics(row, student, steps)
-        snapped = snap(student, cfg.threshold, {name})
-        new = [fc1 for fc1, _ in collapsible.collapse_steps(student, cfg.threshold, only={name})]
-        value = measure.torch(student, ctx.device)[measure.metric]
-        stage = {"blocks": k, "block": name, measure.metric: value, "drop": 1.0 - value, "snapped": snapped}
-        stages.append(stage)
-        logger.info("stage %d (%s): %s %.4f", k, name, measure.metric, value)
-        if 1.0 - value > cfg.max_drop:
-            stopped = (
-                f"collapsing block {k} ({name}) dropped {measure.metric} to {value:.4f}, "
-                f"more than max_drop {cfg.max_drop} below 1; kept {k - 1} block(s)"
-            )
-            student = kept
-            break
-        steps += new
-        collapsed.append(name)
-        kept = copy.deepcopy(student)
-    return _Run(start, params_start, steps, collapsed, collapsed, stages, stopped), student
+                out_metrics(row, model, [])
+
+    student, depth = adaptive.deepest(
+        student,
+        list(reversed(names[len(names) - limit :])),
+        train_stage=train_stage,
+        measure=lambda model: measure.torch(model, ctx.device)[measure.metric],
+        reference=1.0,
+        max_drop=cfg.max_drop,
+        threshold=cfg.threshold,
+        init=cfg.init,
+        metric=measure.metric,
+    )
+    return _Run(start, params_start, depth.steps, depth.collapsed, depth.collapsed, depth), student
 
 
 def _epoch_row(model: nn.Module, measure: Fidelity, ctx: Dist) -> dict[str, Any]:
@@ -442,102 +412,64 @@ def _epoch_row(model: nn.Module, measure: Fidelity, ctx: Dist) -> dict[str, Any]
 
 def _finish(cfg, model, outputs, held, measure, ctx, run_: _Run, loss_name, seconds) -> dict[str, Any]:
     """Snap, export, collapse in torch, fuse the export; measure each; write `report.json`."""
-    import lc_onnx
-
     model.eval()
     before = measure.torch(model, ctx.device)
     pending = {b.name for b in collapsible.prelu_blocks(model)} & set(run_.targets)
-    snapped = snap(model, cfg.threshold, pending) if cfg.snap else {}
+    snapped = adaptive.snap(model, cfg.threshold, pending) if cfg.snap else {}
+    blocks_total = len(collapsible.find_blocks(model)) + len(run_.collapsed)
     example = {k: v[:2].to(ctx.device) for k, v in held[0].items()}
-    onnx_path = export_onnx(
-        model, outputs.example(example), cfg.out / "model.onnx", dynamo=True, dynamic_sequence=outputs.hidden
-    )
-    prelu_before = [b.name for b in collapsible.prelu_blocks(model)]
-    steps = collapsible.collapse_steps(model, cfg.threshold, only=set(run_.targets))
-    remaining = {b.name for b in collapsible.find_blocks(model)}
-    after_torch = measure.torch(model, ctx.device)
-    fused_path = cfg.out / "model.collapsed.onnx"
-    feeds = [_numpy_feed(b, outputs, onnx_path) for b in held[:2]]
-    result = lc_onnx.fuse(
-        onnx_path,
-        output=fused_path,
+    names = export_input_names(outputs.example(example))
+    feeds = [_numpy_feed(b, names) for b in held[:2]]
+    fused = endstep.export_collapse_fuse(
+        model,
+        outputs.example(example),
+        cfg.out,
         threshold=cfg.threshold,
         max_error=cfg.max_error,
-        input_shapes={k: tuple(v.shape) for k, v in feeds[0].items()},
         feeds=feeds,
+        input_shapes={k: (1, *v.shape[1:]) for k, v in feeds[0].items()},
+        only=set(run_.targets),
+        dynamic_sequence=outputs.hidden,
     )
-    after_onnx = measure.onnx(fused_path)
-    fuse_report = result.report.to_dict()
+    after_torch = measure.torch(model, ctx.device)
+    after_onnx = measure.onnx(fused.fused_path, names)
     metric = measure.metric
-
-    def point(values: dict[str, float]) -> float:
-        return values[metric]
-
+    fid = {
+        "metric": metric,
+        "start": run_.start[metric],
+        "before_collapse": before[metric],
+        "after_collapse_torch": after_torch[metric],
+        "after_collapse_onnxruntime": after_onnx[metric],
+        "held_out_batches": len(held),
+    }
+    if "kl" in after_onnx:
+        fid["kl"] = {"before_collapse": before["kl"], "after_collapse_onnxruntime": after_onnx["kl"]}
     report = {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in _config(cfg).items()},
+        "config": endstep.config_dict(cfg),
         "objective": "distill",
         "distill_loss": loss_name,
-        "fidelity": {
-            "metric": metric,
-            "start": point(run_.start),
-            "before_collapse": point(before),
-            "after_collapse_torch": point(after_torch),
-            "after_collapse_onnxruntime": point(after_onnx),
-            **(
-                {"kl": {"before_collapse": before["kl"], "after_collapse_onnxruntime": after_onnx["kl"]}}
-                if "kl" in after_onnx
-                else {}
-            ),
-            "held_out_batches": len(held),
-        },
+        "fidelity": fid,
         "blocks": {
-            "total": len(collapsible.find_blocks(model)) + len(run_.steps) + len(steps),
+            "total": blocks_total,
             "targeted": len(run_.targets),
-            "collapsed": len(run_.collapsed) + sum(1 for n in prelu_before if n not in remaining),
+            "collapsed": len(run_.collapsed) + len(fused.collapsed_at_end),
             "collapsed_during_training": run_.collapsed,
+            "collapsed_at_end": fused.collapsed_at_end,
             "snapped": snapped,
             "not_collapsed": collapsible.slopes(model),
-            "collapsed_by_graph_pass": len(result.report.collapsed),
+            "collapsed_by_graph_pass": len(fused.report.collapsed),
             "refused": [r.to_dict() for r in collapsible.refusals(model)],
         },
-        "params": {
-            "start": run_.params_start,
-            "after_collapse_torch": count_params(model),
-            "onnx_before_fuse": fuse_report["params_before"],
-            "onnx_after_fuse": fuse_report["params_after"],
-        },
-        "macs": {
-            "onnx_before_fuse": fuse_report["macs_before"],
-            "onnx_after_fuse": fuse_report["macs_after"],
-        },
-        "fuse": fuse_report,
+        **endstep.sizes(fused, model, start=run_.params_start),
+        "fuse": fused.report.to_dict(),
         "seconds": seconds,
     }
-    if cfg.max_drop is not None:
-        report["adaptive"] = {
-            "max_drop": cfg.max_drop,
-            "blocks_reached": len(run_.collapsed),
-            "stopped": run_.stopped,
-            "stages": run_.stages,
-        }
-    files.write_text(cfg.out / "report.json", json.dumps(report, indent=2) + "\n")
-    structure = Structure.of(model, [*run_.steps, *(fc1 for fc1, _ in steps)])
-    save_checkpoint(cfg.out / "checkpoint.pt", model, structure, epoch=cfg.epochs)
+    if run_.depth is not None:
+        report["adaptive"] = run_.depth.to_dict(cfg.max_drop)
+    endstep.write(cfg.out, report, model, [*run_.steps, *(fc1 for fc1, _ in fused.steps)], cfg.epochs)
     return report
 
 
-def _numpy_feed(
-    batch: Mapping[str, torch.Tensor], outputs: Outputs, onnx_path: Path
-) -> dict[str, np.ndarray]:
-    """A held-out batch as onnxruntime feeds of the export (inputs it dropped left out)."""
-    names = [i.name for i in io.load(onnx_path).proto.graph.input]
-    values = [v.cpu().numpy() for v in batch.values()]
-    if outputs.keyword:
-        return {k: v for k, v in zip(batch, values) if k in names}
-    return dict(zip(names, values))
-
-
-def _config(cfg) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(cfg)
+def _numpy_feed(batch: Mapping[str, torch.Tensor], names: Sequence[str]) -> dict[str, np.ndarray]:
+    """A batch as onnxruntime feeds named as the export's inputs."""
+    return {name: v.cpu().numpy() for name, v in zip(names, batch.values())}

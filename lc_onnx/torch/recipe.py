@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +27,16 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from lc_onnx import files
 from lc_onnx.errors import UserError
-from lc_onnx.torch import collapsible, data, hf, models
+from lc_onnx.torch import adaptive, collapsible, data, endstep, hf, models
 from lc_onnx.torch.checkpoint import Structure, load_checkpoint, save_checkpoint
 from lc_onnx.torch.evaluate import accuracy, count_params, onnx_predict, torch_predict
-from lc_onnx.torch.export import export_onnx
 from lc_onnx.torch.loop import Dist, LossFn, Trainer, distributed, labelled
 from lc_onnx.torch.schedule import Collapsed, Collapser
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = endstep.CHECKPOINT
 METRICS = "metrics.jsonl"
 VERIFY_IMAGES = 64
 
@@ -48,7 +47,7 @@ class FinetuneConfig:
 
     model: str
     out: Path
-    dataset: str = "digits"
+    dataset: str | None = None  # None: digits, unless `data` gives the feeds
     fractions: Sequence[float] = (0.5,)
     lam: float = 1.0
     epochs: int = 10
@@ -87,15 +86,18 @@ DEFAULTS = {
 
 def resolve(cfg: FinetuneConfig) -> FinetuneConfig:
     """`cfg` with the objective and every setting left None filled in (see `DEFAULTS`)."""
+    if cfg.data is not None and cfg.dataset is not None:
+        raise UserError("give {dataset} or {data}, not both", params=["dataset", "data"])
+    dataset = cfg.dataset if cfg.dataset is not None or cfg.data is not None else "digits"
     objective = cfg.objective
     if objective is None:
-        objective = "distill" if cfg.data is not None or cfg.dataset.startswith("text:") else "labels"
+        objective = "distill" if cfg.data is not None or dataset.startswith("text:") else "labels"
     if objective not in OBJECTIVES:
         raise UserError(
             f"{{objective}} {objective!r}: choose from {', '.join(OBJECTIVES)}", params=["objective"]
         )
     filled = {k: v for k, v in DEFAULTS[objective].items() if getattr(cfg, k) is None}
-    return replace(cfg, objective=objective, **filled)
+    return replace(cfg, dataset=dataset, objective=objective, **filled)
 
 
 @dataclass
@@ -143,15 +145,12 @@ def check_config(cfg: FinetuneConfig) -> None:
         )
     if cfg.epochs < 1:
         raise UserError(f"{{epochs}} {cfg.epochs}: must be at least 1", params=["epochs"])
-    if cfg.objective == "labels":
-        if cfg.data is not None or cfg.dataset.startswith("text:"):
-            raise UserError(
-                "{objective} labels needs a labelled image dataset (digits or an ImageFolder); "
-                "text: and {data} have no labels (use distill)",
-                params=["objective", "data"],
-            )
-        if cfg.max_drop is not None:
-            raise UserError("{max_drop} is for {objective} distill", params=["max_drop", "objective"])
+    if cfg.objective == "labels" and (cfg.data is not None or cfg.dataset.startswith("text:")):
+        raise UserError(
+            "{objective} labels needs a labelled image dataset (digits or an ImageFolder); "
+            "text: and {data} have no labels (use distill)",
+            params=["objective", "data"],
+        )
     if cfg.max_drop is not None and not 0.0 <= cfg.max_drop <= 1.0:
         raise UserError(f"{{max_drop}} {cfg.max_drop}: must be in [0, 1]", params=["max_drop"])
     if cfg.max_length < 2:
@@ -173,20 +172,11 @@ def _finetune(cfg: FinetuneConfig, ctx: Dist) -> dict[str, Any]:
         why = f" ({len(refused)} refused, e.g. {refused[0]})" if refused else ""
         raise UserError(f"{{model}} {cfg.model}: no collapsible MLP block found{why}", params=["model"])
     outputs = _Outputs(cfg.out) if ctx.main else None
+    if cfg.max_drop is not None:
+        return _adaptive(cfg, model, splits, ctx, outputs, started)
     collapser.start()
     accuracy_start, params_start = _test_accuracy(model, splits.test, ctx), count_params(model)
-    trainer = Trainer(
-        model,
-        ctx,
-        splits.train,
-        labelled(_penalised_loss(cfg.lam)),
-        lr=cfg.lr,
-        slope_lr=cfg.slope_lr,
-        weight_decay=cfg.weight_decay,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        progress=cfg.progress,
-    )
+    trainer = _trainer(cfg, model, splits, ctx)
     for epoch in range(1, cfg.epochs + 1):
         row = {"epoch": epoch, **trainer.train(epoch - 1, cfg.epochs)}
         row.update(_epoch_metrics(model, splits.test, ctx))
@@ -208,6 +198,66 @@ def _finetune(cfg: FinetuneConfig, ctx: Dist) -> dict[str, Any]:
         accuracy_start, params_start, collapser.steps, collapser.collapsed, time.perf_counter() - started
     )
     return _finish(cfg, model, splits, ctx, training)
+
+
+def _trainer(cfg: FinetuneConfig, model: nn.Module, splits: data.Splits, ctx: Dist) -> Trainer:
+    return Trainer(
+        model,
+        ctx,
+        splits.train,
+        labelled(_penalised_loss(cfg.lam)),
+        lr=cfg.lr,
+        slope_lr=cfg.slope_lr,
+        weight_decay=cfg.weight_decay,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        progress=cfg.progress,
+    )
+
+
+def _adaptive(
+    cfg: FinetuneConfig,
+    model: nn.Module,
+    splits: data.Splits,
+    ctx: Dist,
+    outputs: _Outputs | None,
+    started: float,
+) -> dict[str, Any]:
+    """`max_drop`: one more block per stage from the output end (`adaptive.deepest`), test accuracy
+    within `max_drop` (a fraction) of the unmodified model's."""
+    names = [b.name for b in collapsible.find_blocks(model)]
+    limit = math.ceil(max(cfg.fractions) * len(names))
+
+    def measure(m: nn.Module) -> float:  # on every rank: each must take the same decision
+        return accuracy(torch_predict(m, ctx.device), splits.test) / 100.0
+
+    def train_stage(m: nn.Module, k: int) -> None:
+        trainer = _trainer(cfg, m, splits, ctx)
+        for epoch in range(1, cfg.epochs + 1):
+            row = {"stage": k, "epoch": epoch, **trainer.train(epoch - 1, cfg.epochs)}
+            row.update(_epoch_metrics(m, splits.test, ctx))
+            row["params"] = count_params(m)
+            if outputs is not None:
+                outputs.epoch(row, m, [])
+                _log_epoch(row)
+
+    accuracy_start, params_start = measure(model), count_params(model)
+    model, depth = adaptive.deepest(
+        model,
+        list(reversed(names[len(names) - limit :])),
+        train_stage=train_stage,
+        measure=measure,
+        reference=accuracy_start,
+        max_drop=cfg.max_drop,
+        threshold=cfg.threshold,
+        init=cfg.init,
+        metric="test_accuracy",
+    )
+    if outputs is None:
+        return {}
+    seconds = time.perf_counter() - started
+    training = Training(100.0 * accuracy_start, params_start, depth.steps, depth.collapsed, seconds)
+    return _finish(cfg, model, splits, ctx, training, {"adaptive": depth.to_dict(cfg.max_drop)})
 
 
 def _build(cfg: FinetuneConfig, splits: data.Splits, img_size: int) -> tuple[nn.Module, list[str]]:
@@ -288,71 +338,50 @@ def _log_epoch(row: Mapping[str, Any]) -> None:
 
 
 def _finish(
-    cfg: FinetuneConfig, model: nn.Module, splits: data.Splits, ctx: Dist, training: Training
+    cfg: FinetuneConfig,
+    model: nn.Module,
+    splits: data.Splits,
+    ctx: Dist,
+    training: Training,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Export, collapse in torch, fuse the export, measure both; write `report.json` and the checkpoint."""
-    import lc_onnx
-
     model.eval()
     acc_before = accuracy(torch_predict(model, ctx.device), splits.test)
     params_before = count_params(model)
     example = _examples(splits).to(ctx.device)
-    onnx_path = export_onnx(model, example, cfg.out / "model.onnx", dynamo=True)
     blocks_total = len(collapsible.find_blocks(model)) + len(training.collapsed)
-    prelu_before = [b.name for b in collapsible.prelu_blocks(model)]
-    steps = collapsible.collapse_steps(model, cfg.threshold)
-    remaining = {b.name for b in collapsible.find_blocks(model)}
-    collapsed_at_end = [name for name in prelu_before if name not in remaining]
-    acc_after = accuracy(torch_predict(model, ctx.device), splits.test)
-    shape = {"input": (1, *example.shape[1:])}
-    # Verify the graph pass on real test images: slopes within the threshold (not exactly 1) make the
-    # fused model differ from the export a little, and random inputs would not say by how much in use.
     n = min(VERIFY_IMAGES, len(splits.test))
-    feeds = [{"input": torch.stack([splits.test[i][0] for i in range(n)]).numpy()}]
-    # Written by `fuse` itself: the fused model is verified from disk and large weights may be stored
-    # as external data, which onnxruntime then reads from the path.
-    fused_path = cfg.out / "model.collapsed.onnx"
-    result = lc_onnx.fuse(
-        onnx_path,
-        output=fused_path,
+    fused = endstep.export_collapse_fuse(
+        model,
+        example,
+        cfg.out,
         threshold=cfg.threshold,
         max_error=cfg.max_error,
-        input_shapes=shape,
-        feeds=feeds,
+        feeds=[{"input": torch.stack([splits.test[i][0] for i in range(n)]).numpy()}],
+        input_shapes={"input": (1, *example.shape[1:])},
     )
-    fuse_report = result.report.to_dict()
     report = {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "config": endstep.config_dict(cfg),
         "accuracy": {
             "start": training.accuracy_start,
             "before_collapse": acc_before,
-            "after_collapse_torch": acc_after,
-            "after_collapse_onnxruntime": accuracy(onnx_predict(fused_path), splits.test),
+            "after_collapse_torch": accuracy(torch_predict(model, ctx.device), splits.test),
+            "after_collapse_onnxruntime": accuracy(onnx_predict(fused.fused_path), splits.test),
         },
         "blocks": {
             "total": blocks_total,
-            "collapsed": len(training.collapsed) + len(steps),
+            "collapsed": len(training.collapsed) + len(fused.steps),
             "collapsed_during_training": training.collapsed,
-            "collapsed_at_end": collapsed_at_end,
-            "collapsed_by_graph_pass": len(result.report.collapsed),
+            "collapsed_at_end": fused.collapsed_at_end,
+            "collapsed_by_graph_pass": len(fused.report.collapsed),
             "not_collapsed": collapsible.slopes(model),
             "refused": [r.to_dict() for r in collapsible.refusals(model)],
         },
-        "params": {
-            "start": training.params_start,
-            "before_collapse": params_before,
-            "after_collapse_torch": count_params(model),
-            "onnx_before_fuse": fuse_report["params_before"],
-            "onnx_after_fuse": fuse_report["params_after"],
-        },
-        "macs": {
-            "onnx_before_fuse": fuse_report["macs_before"],
-            "onnx_after_fuse": fuse_report["macs_after"],
-        },
-        "fuse": fuse_report,
+        **endstep.sizes(fused, model, start=training.params_start, before_collapse=params_before),
+        "fuse": fused.report.to_dict(),
         "seconds": training.seconds,
+        **(extra or {}),
     }
-    files.write_text(cfg.out / "report.json", json.dumps(report, indent=2) + "\n")
-    structure = Structure.of(model, [*training.steps, *(fc1 for fc1, _ in steps)])
-    save_checkpoint(cfg.out / CHECKPOINT, model, structure, epoch=cfg.epochs)
+    endstep.write(cfg.out, report, model, [*training.steps, *(fc1 for fc1, _ in fused.steps)], cfg.epochs)
     return report

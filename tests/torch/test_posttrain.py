@@ -189,3 +189,82 @@ def _empty(text_file):
     path = text_file.parent / "empty.txt"
     path.write_text("\n \n")
     return path
+
+
+def test_distill_on_feeds_from_a_python_function(bert_dir, text_file, tmp_path):
+    # The calibration recipes' convention: FILE.py:FN yields {input name: array}; every tenth feed
+    # (the 1st, 11th, ...) is held out. Slopes start and stay at 1: the collapse is exact.
+    script = tmp_path / "feeds.py"
+    script.write_text(
+        "import numpy as np\n"
+        "from transformers import AutoTokenizer\n"
+        f"LINES = open({str(text_file)!r}).read().split(chr(10))[:120]\n"
+        "def feeds():\n"
+        f"    tok = AutoTokenizer.from_pretrained({str(bert_dir)!r})\n"
+        "    for i in range(0, len(LINES), 8):\n"
+        "        enc = tok(LINES[i:i + 8], padding=True)\n"
+        "        yield {k: np.asarray(enc[k], dtype=np.int64) for k in ('input_ids', 'attention_mask')}\n"
+    )
+    out = tmp_path / "run"
+    args = ["finetune", "--model", f"hf:{bert_dir}", "--data", f"{script}:feeds", "--fraction", "1"]
+    args += ["--epochs", "1", "--out", str(out), "--no-progress", "--init", "1", "--slope-lr", "0"]
+    args += ["--lr", "0"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["objective"] == "distill"
+    assert report["fidelity"]["held_out_batches"] == 2  # feeds 0 and 10 of 15
+    assert report["blocks"]["collapsed"] == LAYERS and report["blocks"]["snapped"] == {}
+    # nothing trained (lr 0) and every GELU replaced by the identity (slope 1): the student is the
+    # untrained collapse, short of the teacher, and the collapse and the fused export change nothing
+    fid = report["fidelity"]
+    assert 0.5 < fid["start"] < 0.9999
+    for key in ("before_collapse", "after_collapse_torch", "after_collapse_onnxruntime"):
+        assert fid[key] == pytest.approx(fid["start"], abs=1e-5)
+    assert report["blocks"]["collapsed_by_graph_pass"] == LAYERS
+    inputs = [i.name for i in onnx.load(str(out / "model.collapsed.onnx")).graph.input]
+    assert inputs == ["input_ids", "attention_mask"]
+
+
+def test_distill_on_images_compares_logits(tmp_path):
+    # An image classifier distilled into itself on digits images (labels ignored): kl on logits, top-1
+    # agreement as the fidelity measure.
+    out = tmp_path / "run"
+    args = ["finetune", "--model", "vgg-mlp", "--dataset", "digits", "--objective", "distill"]
+    args += ["--fraction", "1", "--epochs", "1", "--out", str(out), "--no-progress", "--img-size", "8"]
+    args += ["--init", "1", "--slope-lr", "0", "--lr", "0"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["distill_loss"] == "kl"
+    fid = report["fidelity"]
+    assert fid["metric"] == "top1_agreement" and fid["held_out_batches"] == 12  # 360 test images / 32
+    assert report["blocks"]["collapsed"] == 2
+    # untrained (lr 0), every ReLU now the identity: the collapse and the fused export change nothing
+    assert fid["kl"]["before_collapse"] > 1e-6  # the student is not the teacher
+    assert fid["after_collapse_onnxruntime"] == fid["after_collapse_torch"] == fid["before_collapse"]
+    assert fid["kl"]["after_collapse_onnxruntime"] == pytest.approx(fid["kl"]["before_collapse"], rel=1e-4)
+
+
+def test_adaptive_depth_with_labels_measures_test_accuracy(tmp_path):
+    # `--max-drop 1` allows any loss: both blocks of vgg-mlp are collapsed, one stage each, output side
+    # first; the report keeps the labels recipe's accuracy block and gains the search record.
+    out = tmp_path / "run"
+    args = ["finetune", "--model", "vgg-mlp", "--dataset", "digits", "--fraction", "1", "--epochs", "1"]
+    args += ["--out", str(out), "--no-progress", "--img-size", "8", "--max-drop", "1"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    adaptive = report["adaptive"]
+    assert adaptive["blocks_reached"] == 2 and "all 2 targeted block(s)" in adaptive["stopped"]
+    assert [s["block"] for s in adaptive["stages"]] == ["classifier.5", "classifier.1"]
+    start = report["accuracy"]["start"] / 100
+    for stage in adaptive["stages"]:
+        assert stage["drop"] == pytest.approx(start - stage["test_accuracy"])
+    assert report["blocks"]["collapsed"] == 2 and report["blocks"]["collapsed_during_training"] == [
+        "classifier.5",
+        "classifier.1",
+    ]
+    # the last stage's collapsed model is what was exported: its accuracy is the last stage's
+    assert report["accuracy"]["before_collapse"] / 100 == pytest.approx(
+        adaptive["stages"][-1]["test_accuracy"]
+    )
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["epoch"]) for r in rows] == [(1, 1), (2, 1)]
