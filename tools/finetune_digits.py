@@ -4,7 +4,10 @@
    and the KD teacher.
 2. From it, fine-tune for --epochs with collapse fraction 0 (the reference: same recipe, no collapse) and
    with each --fractions value (LayerCollapse: penalty, progressive collapse, export, graph-pass fuse).
-3. For each fraction, train a KD student with that LayerCollapse run's final architecture (the last
+3. Adaptive depth (`--max-drop`, unless --no-adaptive): from the same model, one more block per stage
+   from the output end, --adaptive-epochs each, keeping the deepest collapse whose test accuracy stays
+   within --max-drop (a fraction: 0.01 = 1 pt) of the model it started from.
+4. For each fraction, train a KD student with that LayerCollapse run's final architecture (the last
    ceil(F * 6) MLPs each one 64x64 Linear), from scratch, from the same teacher, for --epochs; and for the
    last fraction also for --base-epochs + --epochs (the teacher's and the fine-tune's epochs together).
 
@@ -12,7 +15,7 @@ Writes OUT/results.json and OUT/table.md and prints the table (the README's `tor
 with several --seeds, one such directory per seed (OUT/seed-N) and OUT/summary.md:
 
     python tools/finetune_digits.py --out runs/digits
-    python tools/finetune_digits.py --out runs/digits-seeds --seeds 0 1 2
+    python tools/finetune_digits.py --out runs/digits-seeds --seeds 0 1 2 3 4
 """
 
 from __future__ import annotations
@@ -87,6 +90,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="fine-tune and KD learning rate")
     parser.add_argument("--slope-lr", type=float, default=3e-2)
     parser.add_argument("--no-kd-long", action="store_true", help="skip the --base-epochs + --epochs KD run")
+    parser.add_argument("--max-drop", type=float, default=0.01, help="adaptive depth's budget (default 0.01)")
+    parser.add_argument(
+        "--adaptive-epochs", type=int, default=5, help="epochs per adaptive stage (default 5)"
+    )
+    parser.add_argument("--no-adaptive", action="store_true", help="skip the adaptive-depth run")
     parser.add_argument(
         "--reuse",
         action="store_true",
@@ -152,6 +160,19 @@ def experiment(args: argparse.Namespace, seed: int, out: Path) -> list[dict]:
             checkpoint=ckpt,
         )
         rows.append(_lc_row(f"LayerCollapse, fraction {fraction}, {args.epochs} epochs", run(cfg), ref_acc))
+    if not args.no_adaptive:
+        cfg = replace(
+            common,
+            out=out / "lc-adaptive",
+            fractions=(1.0,),
+            epochs=args.adaptive_epochs,
+            checkpoint=ckpt,
+            max_drop=args.max_drop,
+        )
+        name = (
+            f"LayerCollapse, adaptive (max drop {args.max_drop:g}), {args.adaptive_epochs} epochs per block"
+        )
+        rows.append(_lc_row(name, run(cfg), ref_acc))
 
     splits = data.digits(common.img_size)
     build = partial(models.build_model, VIT, splits.num_classes, common.img_size, kwargs=VIT_ARGS)
@@ -186,25 +207,35 @@ def experiment(args: argparse.Namespace, seed: int, out: Path) -> list[dict]:
 
 
 def _summary(per_seed: dict[int, list[dict]]) -> str:
+    """One row per run: blocks and parameters (per seed where they differ), accuracy per seed, mean ± sample
+    standard deviation, Δ vs. no collapse likewise, mean wall time."""
     seeds = list(per_seed)
     lines = [
         "| run | MLP blocks collapsed | parameters | test acc. per seed ("
         + ", ".join(map(str, seeds))
-        + ") | mean | mean Δ vs. no collapse | mean train wall time |",
+        + ") | mean ± std | Δ vs. no collapse, mean ± std | mean train wall time |",
         "|---|---|---|---|---|---|---|",
     ]
     for i, first in enumerate(per_seed[seeds[0]]):
         rows = [per_seed[s][i] for s in seeds]
         accs = [r["acc"] for r in rows]
         deltas = [r["delta"] for r in rows if r["delta"] is not None]
-        delta = f"{sum(deltas) / len(deltas):+.2f} pt" if deltas else ""
+        delta = f"{_mean_std(deltas, signed=True)} pt" if deltas else ""
+        collapsed = " / ".join(dict.fromkeys(r["collapsed"] for r in rows))
+        params = " / ".join(f"{p:,}" for p in dict.fromkeys(r["params"] for r in rows))
         lines.append(
-            f"| {first['run']} | {first['collapsed']} | {first['params']:,} | "
+            f"| {first['run']} | {collapsed} | {params} | "
             + " / ".join(f"{a:.2f}" for a in accs)
-            + f" % | {sum(accs) / len(accs):.2f} % | {delta} | "
+            + f" % | {_mean_std(accs)} % | {delta} | "
             f"{sum(r['seconds'] for r in rows) / len(rows):.0f} s |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _mean_std(values: list[float], signed: bool = False) -> str:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return f"{mean:+.2f} ± {std:.2f}" if signed else f"{mean:.2f} ± {std:.2f}"
 
 
 def _finetune(cfg: FinetuneConfig, reuse: bool) -> dict:

@@ -315,8 +315,8 @@ def run(cfg, ctx: Dist, writer: Callable[[], MetricsWriter] | None) -> dict[str,
     loss = fidelity.distill_loss(loss_name, cfg.temperature)
     held = splits.held_out_batches()
     outputs.hidden = check_outputs(outputs, teacher, held[0], loss_name)
+    student = copy.deepcopy(teacher)  # before freezing the teacher: the student trains every weight
     teacher.requires_grad_(False)
-    student = copy.deepcopy(teacher)
     found = collapsible.discover(student, outputs.example({k: v[:2] for k, v in held[0].items()}))
     if not found.specs:
         refused = found.refusals

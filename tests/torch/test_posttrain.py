@@ -145,6 +145,11 @@ def test_distill_on_text_collapses_the_last_half_and_keeps_the_embeddings(bert_d
     assert removed == 2 * ((32 * 64 + 64) + (64 * 32 + 32) - (32 * 32 + 32))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and all("mean_pooled_cosine" in r for r in rows)
+    # the student's own weights trained, not only its slopes (the teacher's stayed frozen)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    original = transformers.AutoModel.from_pretrained(bert_dir).state_dict()
+    for key in ("encoder.layer.0.attention.self.query.weight", "encoder.layer.1.output.dense.weight"):
+        assert not torch.equal(state[key], original[key]), key
 
 
 def test_adaptive_depth_stops_at_the_budget(bert_dir, text_file, tmp_path):
