@@ -16,8 +16,9 @@ import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
+import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from lc_onnx import io
 from lc_onnx.errors import UserError
@@ -181,6 +182,80 @@ def infer(model: onnx.ModelProto, *, data_prop: bool = False) -> onnx.ModelProto
     return inferred
 
 
+# Integer ops that shape computations are made of: evaluated on small known values by `_fold_shape_values`.
+_SHAPE_OPS = frozenset(
+    {
+        "Cast", "Concat", "Gather", "Slice", "Squeeze", "Unsqueeze", "Reshape", "Identity", "Add", "Sub",
+        "Mul", "Div", "Min", "Max", "Range", "Equal", "Where", "Expand", "ConstantOfShape", "ReduceProd",
+    }
+)  # fmt: skip
+_SMALL = 4096  # elements: shape values, index ranges such as position ids
+
+
+def _fold_shape_values(inferred: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """The values of integer tensors that concrete input shapes determine, not yet initializers.
+
+    ONNX shape inference reads a `Slice`'s bounds or a `Reshape`'s target only from initializers; the
+    exporters compute them from `Shape` at run time (a transformers encoder slices its position ids to the
+    sequence length). At concrete input shapes those are constants: `Shape` of a tensor whose dims are all
+    known, small integer initializers and `Constant`s, and `_SHAPE_OPS` over them (evaluated with
+    `onnx.reference`). Returned as initializers for the next round of inference.
+    """
+    from onnx.reference import ReferenceEvaluator
+
+    graph = inferred.graph
+    opset = next((o.version for o in inferred.opset_import if o.domain in ("", "ai.onnx")), 17)
+    shapes = {v.name: _shape_of(v) for v in (*graph.input, *graph.value_info, *graph.output)}
+    known = {
+        t.name: numpy_helper.to_array(t)
+        for t in graph.initializer
+        if t.data_location != TensorProto.EXTERNAL
+        and _numel(t.dims) <= _SMALL
+        and t.data_type != TensorProto.STRING
+    }
+    new: dict[str, np.ndarray] = {}
+    for node in graph.node:
+        if node.domain not in ("", "ai.onnx") or not node.output or node.output[0] in known:
+            continue
+        if node.op_type == "Constant":
+            values = ReferenceEvaluator(node, opsets={"": opset}).run(None, {})
+        elif node.op_type == "Shape":
+            dims = shapes.get(node.input[0])
+            if dims is None or not all(isinstance(d, int) for d in dims):
+                continue
+            values = ReferenceEvaluator(node, opsets={"": opset}).run(
+                None, {node.input[0]: np.empty(dims, np.int8)}
+            )
+        elif node.op_type in _SHAPE_OPS and all(not i or i in known for i in node.input):
+            feeds = {i: known[i] for i in node.input if i}
+            if any(v.size > _SMALL for v in feeds.values()):
+                continue
+            try:
+                values = ReferenceEvaluator(node, opsets={"": opset}).run(None, feeds)
+            except Exception:  # an op the reference cannot run here: leave its shape unknown
+                continue
+        else:
+            continue
+        for name, value in zip(node.output, values):
+            value = np.asarray(value)
+            if value.size > _SMALL or value.dtype.kind not in "iub":  # shapes, indices and masks only
+                break
+            known[name] = value
+            if node.op_type != "Constant":
+                new[name] = value
+    produced = {o for n in graph.node if n.op_type != "Constant" for o in n.output}
+    return [numpy_helper.from_array(v, name) for name, v in new.items() if name in produced]
+
+
+def _replace_by_constants(graph: onnx.GraphProto, values: list[onnx.TensorProto]) -> None:
+    """Make `values` initializers and drop the nodes that computed them (when all their outputs are)."""
+    names = {v.name for v in values}
+    kept = [n for n in graph.node if not n.output or not all(o in names or not o for o in n.output)]
+    del graph.node[:]
+    graph.node.extend(kept)
+    graph.initializer.extend(values)
+
+
 def _dims(value_type: onnx.TypeProto) -> list | None:
     if not value_type.HasField("tensor_type") or not value_type.tensor_type.HasField("shape"):
         return None
@@ -257,6 +332,12 @@ def infer_shapes(
     skeleton = _skeleton(model, input_shapes or {})
     try:
         inferred = infer(skeleton, data_prop=True)
+        for _ in range(_MAX_ROUNDS):
+            folded = _fold_shape_values(inferred)
+            if not folded:
+                break
+            _replace_by_constants(skeleton.graph, folded)
+            inferred = infer(skeleton, data_prop=True)
     except Exception as exc:  # inference bugs on exotic graphs: count what the inputs alone give
         logger.warning("shape inference failed (%s); MACs of ops with unknown shapes are not counted", exc)
         inferred = skeleton

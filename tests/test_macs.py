@@ -202,3 +202,21 @@ def test_onnxruntime_attention_is_counted_and_shapes_flow_through_it():
         2 * 5 * 16 * 48 + 2 * 5 * 5 * (16 + 16),
         2 * 5 * 16 * 8,
     ]
+
+
+def test_shapes_computed_from_input_shapes_are_folded() -> None:
+    # The dynamo export of a transformers encoder slices its position ids to the sequence length read
+    # with Shape at run time; at concrete input shapes that length is known, and so is every MatMul.
+    model = _model(
+        f"""{HEADER} g (int64[B, S] ids) => (float Y)
+           <int64[1, 512] pos = {{{", ".join(map(str, range(512)))}}}, float[512, 8] table = {{{", ".join(["0.5"] * 4096)}}},
+            float[8, 16] w = {{{", ".join(["0.25"] * 128)}}}> {{
+            seq = Shape<start = 1, end = 2>(ids)
+            zero = Constant<value = int64[1] {{0}}>()
+            one = Constant<value = int64[1] {{1}}>()
+            p = Slice(pos, zero, seq, one, one)
+            e = Gather(table, p)
+            Y = MatMul(e, w)
+        }}"""
+    )
+    assert count_macs(model, {"ids": [1, 128]}) == 128 * 8 * 16

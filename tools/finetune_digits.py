@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from lc_onnx.bench.report import environment
 from lc_onnx.torch import collapsible, data, models
 from lc_onnx.torch.checkpoint import load_checkpoint
 from lc_onnx.torch.distill import collapsed_student, distill
@@ -110,7 +111,7 @@ def main() -> None:
         rows = experiment(args, seed, out)
         table = _table(rows)
         machine = {
-            "cpu": _cpu_name(),
+            "cpu": environment()["cpu"],
             "cores_visible": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
@@ -243,16 +244,6 @@ def _finetune(cfg: FinetuneConfig, reuse: bool) -> dict:
     if reuse and report.exists():
         return json.loads(report.read_text())
     return finetune(cfg)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":
