@@ -95,10 +95,15 @@ class _FirstOutput(nn.Module):
         self.names = names
 
     def forward(self, *args):
-        out = self.model(**dict(zip(self.names, args))) if self.names else self.model(*args)
-        while not isinstance(out, torch.Tensor):
-            out = next(iter(out.values())) if isinstance(out, Mapping) else out[0]
-        return out
+        return first_tensor(self.model(**dict(zip(self.names, args))) if self.names else self.model(*args))
+
+
+def first_tensor(out) -> torch.Tensor:
+    """A model's first output tensor: of a transformers `ModelOutput` (a mapping) or a tuple, its first
+    entry, recursively (`logits`, `last_hidden_state`)."""
+    while not isinstance(out, torch.Tensor):
+        out = next(iter(out.values())) if isinstance(out, Mapping) else out[0]
+    return out
 
 
 def _dynamic_dims(batch: bool, sequence: bool) -> dict[int, str]:

@@ -46,7 +46,7 @@ from lc_onnx import runtime
 from lc_onnx.errors import UserError
 from lc_onnx.torch import adaptive, collapsible, data, endstep, fidelity, hf, models, textdata
 from lc_onnx.torch.evaluate import count_params
-from lc_onnx.torch.export import export_input_names
+from lc_onnx.torch.export import export_input_names, first_tensor
 from lc_onnx.torch.loop import Dist, Step, Trainer
 from lc_onnx.torch.schedule import Collapser
 
@@ -57,18 +57,15 @@ HELD_OUT_EVERY = 10  # of `data` feeds: the 1st, 11th, 21st, ... are held out
 EVAL_BATCH = 32
 
 
-@dataclass
+@dataclass(frozen=True)
 class Outputs:
-    """How the model is called and what its first output is."""
+    """How the model is called and what its first output is (`outputs_of` finds out)."""
 
     keyword: bool  # batches are keyword arguments (transformers' `input_ids`, ...), else positional
     hidden: bool  # hidden states `[B, T, D]` (encoders), else logits `[B, C]`
 
     def __call__(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        out = model(**batch) if self.keyword else model(*batch.values())
-        while not isinstance(out, torch.Tensor):
-            out = next(iter(out.values())) if isinstance(out, Mapping) else out[0]
-        return out
+        return first_tensor(model(**batch) if self.keyword else model(*batch.values()))
 
     def example(self, batch: Mapping[str, torch.Tensor]):
         """`batch` as `export_onnx` takes it: keyword inputs by name, positional ones as a tuple."""
@@ -115,8 +112,9 @@ class _Feeds(Dataset):
         return self.feeds[index]
 
 
-def teacher_and_data(cfg) -> tuple[nn.Module, Outputs, PostTrainingData]:
-    """The unmodified model, how to call it, and its data, as `cfg` (a `FinetuneConfig`) names them.
+def teacher_and_data(cfg) -> tuple[nn.Module, bool, PostTrainingData]:
+    """The unmodified model, whether it takes its inputs by keyword, and its data, as `cfg` (a
+    `FinetuneConfig`) names them.
 
     Raises:
         UserError: naming `dataset`, `data` or `model`.
@@ -132,12 +130,12 @@ def teacher_and_data(cfg) -> tuple[nn.Module, Outputs, PostTrainingData]:
     )
     return (
         model,
-        Outputs(keyword=False, hidden=False),
+        False,
         PostTrainingData(_Images(splits.train, "input"), _Images(splits.test, "input"), cfg.batch_size, None),
     )
 
 
-def _from_text(cfg) -> tuple[nn.Module, Outputs, PostTrainingData]:
+def _from_text(cfg) -> tuple[nn.Module, bool, PostTrainingData]:
     path = cfg.dataset[len(TEXT) :]
     source = hf.parse(cfg.model, task="features", overrides=cfg.model_kwargs)
     if source is None:
@@ -160,12 +158,12 @@ def _from_text(cfg) -> tuple[nn.Module, Outputs, PostTrainingData]:
     model = source.model()
     return (
         model,
-        Outputs(keyword=True, hidden=True),
+        True,
         PostTrainingData(train_set, held_set, cfg.batch_size, train_set.collate),
     )
 
 
-def _from_feeds(cfg) -> tuple[nn.Module, Outputs, PostTrainingData]:
+def _from_feeds(cfg) -> tuple[nn.Module, bool, PostTrainingData]:
     from lc_onnx.calibration.data import from_spec
 
     feeds = list(from_spec(cfg.data))
@@ -184,16 +182,15 @@ def _from_feeds(cfg) -> tuple[nn.Module, Outputs, PostTrainingData]:
     held = [f for i, f in enumerate(feeds) if i % HELD_OUT_EVERY == 0]
     train = [f for i, f in enumerate(feeds) if i % HELD_OUT_EVERY != 0]
     names = list(feeds[0])
-    keyword = names != ["input"]
     source = hf.parse(cfg.model, task="features", overrides=cfg.model_kwargs)
     if source is not None and "pixel_values" not in names:
-        model, hidden = source.model(), True
-    else:
+        model, keyword = source.model(), True
+    else:  # images: the classifiers `lc-onnx finetune` builds take them positionally
         first = next(iter(feeds[0].values()))
         size = int(first.shape[-1]) if first.ndim == 4 else cfg.img_size
         model = models.build_model(cfg.model, 1000, size, pretrained=cfg.pretrained, kwargs=cfg.model_kwargs)
-        keyword, hidden = False, False
-    return model, Outputs(keyword, hidden), PostTrainingData(_Feeds(train), _Feeds(held), None, None)
+        keyword = False
+    return model, keyword, PostTrainingData(_Feeds(train), _Feeds(held), None, None)
 
 
 def distill_step(teacher: nn.Module, outputs: Outputs, loss: Callable, lam: float) -> Step:
@@ -261,30 +258,39 @@ class Fidelity:
         return {self.metric: agree / n, "kl": kl / n}
 
 
-def check_outputs(outputs: Outputs, teacher: nn.Module, batch: Mapping[str, torch.Tensor], loss_name: str):
-    """Refuse a teacher whose first output the loss cannot compare (one line, naming `model`)."""
+def outputs_of(teacher: nn.Module, keyword: bool, batch: Mapping[str, torch.Tensor]) -> Outputs:
+    """How `teacher` answers `batch`: logits or hidden states, from its first output's rank.
+
+    Raises:
+        UserError: naming `model`, when the first output is neither.
+    """
     with torch.no_grad():
         teacher.eval()
-        out = outputs(teacher, batch)
+        out = Outputs(keyword, False)(teacher, batch)
     if not out.is_floating_point() or out.dim() not in (2, 3):
         raise UserError(
             f"{{model}}: its first output ({out.dtype}, shape {tuple(out.shape)}) is neither logits "
             "[batch, classes] nor hidden states [batch, tokens, features]; distillation cannot compare it",
             params=["model"],
         )
-    hidden = out.dim() == 3
-    if hidden != (loss_name != "kl"):
+    return Outputs(keyword, out.dim() == 3)
+
+
+def loss_for(outputs: Outputs, name: str | None) -> str:
+    """The distillation loss `name` (None: the default for the outputs), refused where it cannot compare
+    them (one line, naming `distill_loss`)."""
+    if name is None:
+        return "cosine+mse" if outputs.hidden else "kl"
+    if outputs.hidden == (name == "kl"):
         wants = (
-            "logits (use cosine+mse, cosine or mse for hidden states)"
-            if loss_name == "kl"
-            else ("hidden states (use kl for logits)")
+            "logits (use cosine+mse, cosine or mse for hidden states)" if name == "kl" else "hidden states"
         )
+        has = "hidden states" if outputs.hidden else "logits (use kl)"
         raise UserError(
-            f"{{distill_loss}} {loss_name} compares {wants}; the model's first output has shape "
-            f"{tuple(out.shape)}",
+            f"{{distill_loss}} {name} compares {wants}; the model's first output is {has}",
             params=["distill_loss"],
         )
-    return hidden
+    return name
 
 
 @dataclass
@@ -310,11 +316,11 @@ def run(cfg, ctx: Dist, writer: Callable[[], MetricsWriter] | None) -> dict[str,
     """
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    teacher, outputs, splits = teacher_and_data(cfg)
-    loss_name = cfg.distill_loss or ("kl" if not outputs.hidden else "cosine+mse")
-    loss = fidelity.distill_loss(loss_name, cfg.temperature)
+    teacher, keyword, splits = teacher_and_data(cfg)
     held = splits.held_out_batches()
-    outputs.hidden = check_outputs(outputs, teacher, held[0], loss_name)
+    outputs = outputs_of(teacher, keyword, held[0])
+    loss_name = loss_for(outputs, cfg.distill_loss)
+    loss = fidelity.distill_loss(loss_name, cfg.temperature)
     student = copy.deepcopy(teacher)  # before freezing the teacher: the student trains every weight
     teacher.requires_grad_(False)
     found = collapsible.discover(student, outputs.example({k: v[:2] for k, v in held[0].items()}))
