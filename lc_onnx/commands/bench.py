@@ -21,7 +21,11 @@ import json
 import sys
 from pathlib import Path
 
-from lc_onnx.commands.common import FLAGS, parse_input_shapes  # noqa: F401  (FLAGS: how errors spell parameters)
+from lc_onnx.commands import common
+from lc_onnx.commands.common import parse_input_shapes
+
+# How errors spell the library's parameters here (`BenchConfig.batches` is the `--batch` flag).
+FLAGS = {**common.FLAGS, "batches": "--batch"}
 from lc_onnx.errors import UserError
 
 
