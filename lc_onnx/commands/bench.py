@@ -23,10 +23,10 @@ from pathlib import Path
 
 from lc_onnx.commands import common
 from lc_onnx.commands.common import parse_input_shapes
+from lc_onnx.errors import UserError
 
 # How errors spell the library's parameters here (`BenchConfig.batches` is the `--batch` flag).
 FLAGS = {**common.FLAGS, "batches": "--batch"}
-from lc_onnx.errors import UserError
 
 
 def _batches(text: str) -> tuple[int, ...]:
