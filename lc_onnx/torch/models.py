@@ -51,7 +51,7 @@ class VGGMlp(nn.Module):
 
 def build_model(
     name: str,
-    num_classes: int,
+    num_classes: int | None,
     img_size: int,
     *,
     pretrained: bool = False,
@@ -60,6 +60,8 @@ def build_model(
     """`vgg-mlp`, a timm model name or an `hf:`/`hf-config:` spelling; `kwargs` go to the constructor
     (e.g. `depth=6, embed_dim=64`; transformers: config fields). A transformers model comes wrapped in
     `hf.Logits` (images in, logits out); `pretrained` is for timm names (`hf:` always loads weights).
+    `num_classes=None` keeps a transformers checkpoint's own head (what distillation needs); other models
+    need a number.
 
     Raises:
         UserError: unknown name, bad keyword, or pretrained weights that cannot be loaded.

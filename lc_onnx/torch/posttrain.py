@@ -125,9 +125,7 @@ def teacher_and_data(cfg) -> tuple[nn.Module, bool, PostTrainingData]:
         return _from_text(cfg)
     image = models.image_format(cfg.model, cfg.img_size, cfg.model_kwargs)
     splits = data.load(cfg.dataset, image)
-    model = models.build_model(
-        cfg.model, splits.num_classes, image.size, pretrained=cfg.pretrained, kwargs=cfg.model_kwargs
-    )
+    model = _image_teacher(cfg, splits.num_classes, image.size)
     return (
         model,
         False,
@@ -188,9 +186,21 @@ def _from_feeds(cfg) -> tuple[nn.Module, bool, PostTrainingData]:
     else:  # images: the classifiers `lc-onnx finetune` builds take them positionally
         first = next(iter(feeds[0].values()))
         size = int(first.shape[-1]) if first.ndim == 4 else cfg.img_size
-        model = models.build_model(cfg.model, 1000, size, pretrained=cfg.pretrained, kwargs=cfg.model_kwargs)
-        keyword = False
+        model, keyword = _image_teacher(cfg, 1000, size), False
     return model, keyword, PostTrainingData(_Feeds(train), _Feeds(held), None, None)
+
+
+def _image_teacher(cfg, num_classes: int, size: int) -> nn.Module:
+    """An image classifier to distil: a pretrained transformers one keeps its own head (its config's
+    labels); any other is built with `num_classes` outputs (random, or timm's `pretrained` weights)."""
+    keep_head = cfg.model.startswith(hf.PRETRAINED)
+    return models.build_model(
+        cfg.model,
+        None if keep_head else num_classes,
+        size,
+        pretrained=cfg.pretrained,
+        kwargs=cfg.model_kwargs,
+    )
 
 
 def distill_step(teacher: nn.Module, outputs: Outputs, loss: Callable, lam: float) -> Step:

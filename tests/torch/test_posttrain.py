@@ -273,3 +273,27 @@ def test_adaptive_depth_with_labels_measures_test_accuracy(tmp_path):
     )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["epoch"]) for r in rows] == [(1, 1), (2, 1)]
+
+
+def test_distill_keeps_a_pretrained_classifiers_own_head(tmp_path):
+    # A transformers image classifier saved with 3 labels, distilled on digits images (10 classes, labels
+    # ignored): the teacher is the checkpoint as saved, so the student and its export answer 3 logits.
+    config = transformers.ViTConfig(
+        image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, num_labels=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    out = tmp_path / "run"
+    args = ["finetune", "--model", f"hf:{tmp_path / 'vit'}", "--dataset", "digits", "--objective", "distill"]
+    args += ["--fraction", "1", "--epochs", "1", "--out", str(out), "--no-progress", "--lr", "1e-3"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["distill_loss"] == "kl" and report["blocks"]["collapsed"] == 2
+    model = onnx.load(str(out / "model.collapsed.onnx"))
+    assert [d.dim_param or d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim] == [
+        "batch",
+        3,
+    ]
+    agreement = report["fidelity"]["after_collapse_onnxruntime"]
+    assert agreement == pytest.approx(report["fidelity"]["after_collapse_torch"], abs=1 / 360)
