@@ -372,7 +372,7 @@ def _trainer(cfg, ctx: Dist, model: nn.Module, step: Step, splits: PostTrainingD
 
 def _train(cfg, ctx, student, step, splits, measure, out_metrics, params_start) -> _Run:
     collapser = Collapser(student, cfg.fractions, threshold=cfg.threshold, init=cfg.init)
-    targets = list(collapser.start())
+    collapser.start()
     start = measure.torch(student, ctx.device)
     trainer = _trainer(cfg, ctx, student, step, splits)
     for epoch in range(1, cfg.epochs + 1):
@@ -384,8 +384,8 @@ def _train(cfg, ctx, student, step, splits, measure, out_metrics, params_start) 
         row.update(_epoch_row(student, measure, ctx))
         if out_metrics is not None:
             out_metrics(row, student, collapser.steps)
-    targets = sorted(set(targets) | set(collapser.collapsed))
-    return _Run(start, params_start, collapser.steps, collapser.collapsed, targets)
+    # the blocks of every stage reached (later stages extend the earlier ones)
+    return _Run(start, params_start, collapser.steps, collapser.collapsed, collapser.schedule.targets())
 
 
 def _adaptive(cfg, ctx, student, step, splits, measure, out_metrics, params_start):
