@@ -68,7 +68,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the k = 3 runs")
     parser.add_argument("--kd-blocks", type=int, nargs="*", help="k values with a KD row (default: all)")
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--calib-budget", type=float, nargs="+", default=[0.1])
+    parser.add_argument("--calib-budget", type=float, nargs="*", default=[0.1])
+    parser.add_argument("--lr", type=float, help="LayerCollapse learning rate (default: finetune's)")
     parser.add_argument("--kd-new-lr", type=float, default=1e-3)
     parser.add_argument("--bench-runs", type=int, default=30)
     parser.add_argument("--reuse", action="store_true", help="keep finished LayerCollapse runs found in OUT")
@@ -186,7 +187,7 @@ class Experiment:
         self.original_sizes = {**self.sizes(path), **self.scores(self.embed_onnx(path))}
         return path
 
-    def layercollapse(self, k: int, seed: int, epochs: int, reuse: bool) -> dict:
+    def layercollapse(self, k: int, seed: int, epochs: int, reuse: bool, lr: float | None = None) -> dict:
         out = self.out / f"lc-{k}-seed{seed}"
         report_path = out / "report.json"
         if reuse and report_path.exists():
@@ -199,6 +200,7 @@ class Experiment:
                 fractions=(k / 6,),
                 epochs=epochs,
                 seed=seed,
+                lr=lr,
                 progress=False,
             )
             report = finetune(cfg)

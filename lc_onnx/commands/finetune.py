@@ -23,7 +23,7 @@ Objectives: `labels` (cross-entropy; the default for digits and ImageFolders) or
 for text: and --data): post-training LayerCollapse without labels. The unmodified model is the teacher,
 the loss is the distance between its outputs and the student's (--distill-loss: cosine+mse of hidden
 states by default, kl at --temperature for logits) plus LAM times the penalty. Its defaults suit a
-pretrained transformer: --lam 10, --lr 1e-4, --slope-lr 2e-2, weight decay 0.01, batch 32 (labels: 1,
+pretrained transformer: --lam 10, --lr 2e-4, --slope-lr 2e-2, weight decay 0.01, batch 32 (labels: 1,
 1e-3, 3e-2, 0.05, 64). At the end, targeted slopes still outside --threshold are set to 1 (--no-snap keeps them) and
 report.json's `fidelity` block compares teacher and student on the held-out inputs (mean-pooled cosine
 for hidden states, top-1 agreement for logits): at the start, before the collapse, after it in torch and
@@ -111,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, help="per process (default 64; distill 32)")
     parser.add_argument(
-        "--lr", type=float, help="AdamW learning rate, cosine decay (default 1e-3; distill 1e-4)"
+        "--lr", type=float, help="AdamW learning rate, cosine decay (default 1e-3; distill 2e-4)"
     )
     parser.add_argument(
         "--slope-lr", type=float, help="learning rate of the PReLU slopes (default 3e-2; distill 2e-2)"
