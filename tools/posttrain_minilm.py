@@ -99,7 +99,7 @@ def main() -> None:
     kd_blocks = args.blocks if args.kd_blocks is None else args.kd_blocks
     for k in args.blocks:
         lc = [
-            exp.layercollapse(k, seed, args.epochs, args.reuse)
+            exp.layercollapse(k, seed, args.epochs, args.reuse, args.lr)
             for seed in (args.seeds if k == 3 else args.seeds[:1])
         ]
         for row in lc:
