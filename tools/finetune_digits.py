@@ -208,7 +208,7 @@ def experiment(args: argparse.Namespace, seed: int, out: Path) -> list[dict]:
 
 
 def _summary(per_seed: dict[int, list[dict]]) -> str:
-    """One row per run: blocks and parameters (per seed where they differ), accuracy per seed, mean ± sample
+    """One row per run: blocks and parameters (per seed where seeds differ), accuracy per seed, mean ± sample
     standard deviation, Δ vs. no collapse likewise, mean wall time."""
     seeds = list(per_seed)
     lines = [
@@ -222,8 +222,8 @@ def _summary(per_seed: dict[int, list[dict]]) -> str:
         accs = [r["acc"] for r in rows]
         deltas = [r["delta"] for r in rows if r["delta"] is not None]
         delta = f"{_mean_std(deltas, signed=True)} pt" if deltas else ""
-        collapsed = " / ".join(dict.fromkeys(r["collapsed"] for r in rows))
-        params = " / ".join(f"{p:,}" for p in dict.fromkeys(r["params"] for r in rows))
+        collapsed = _per_seed([r["collapsed"] for r in rows])
+        params = _per_seed([f"{r['params']:,}" for r in rows])
         lines.append(
             f"| {first['run']} | {collapsed} | {params} | "
             + " / ".join(f"{a:.2f}" for a in accs)
@@ -231,6 +231,11 @@ def _summary(per_seed: dict[int, list[dict]]) -> str:
             f"{sum(r['seconds'] for r in rows) / len(rows):.0f} s |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _per_seed(values: list[str]) -> str:
+    """One value when every seed has it, else each seed's."""
+    return values[0] if len(set(values)) == 1 else " / ".join(values)
 
 
 def _mean_std(values: list[float], signed: bool = False) -> str:
