@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from lc_onnx.errors import UserError
-from lc_onnx.torch import adaptive, collapsible, data, endstep, hf, models
+from lc_onnx.torch import adaptive, collapsible, data, endstep, hf, models, posttrain
 from lc_onnx.torch.checkpoint import Structure, load_checkpoint, save_checkpoint
 from lc_onnx.torch.evaluate import accuracy, count_params, onnx_predict, torch_predict
 from lc_onnx.torch.loop import Dist, LossFn, Trainer, distributed, labelled
@@ -76,12 +76,12 @@ class FinetuneConfig:
 OBJECTIVES = ("labels", "distill")
 # Per objective, the settings left None. Training from scratch (labels) wants AdamW at 1e-3. A pretrained
 # transformer distilled into itself moves less: 2e-4, with weight decay low so the pretrained weights are
-# not pulled towards 0 (on all-MiniLM-L6-v2, 2 epochs, last 3 of 6 FFNs: held-out cosine 0.817 at 1e-4 and
-# 0.866 at 2e-4; after one epoch 0.69 / 0.78 / 0.83 at 5e-5 / 1e-4 / 2e-4). Its penalty weight is 10: the distillation loss pulls a
-# slope back towards the GELU it replaces with a gradient of about 1 near slope 1 (measured on MiniLM), so
-# at λ = 1 the slopes settle far from 1 (0.14 to 0.34 after an epoch there, and snapping them destroyed the
-# model), while at 10 they reach the threshold within the first epoch and the rest of the training
-# repairs the collapsed model.
+# not pulled towards 0 (all-MiniLM-L6-v2, last 3 of 6 FFNs, 2 epochs: held-out cosine 0.817 at 1e-4 and
+# 0.866 at 2e-4; after one epoch 0.69 / 0.78 / 0.83 at 5e-5 / 1e-4 / 2e-4). Its penalty weight is 10:
+# the distillation loss pulls a slope back towards the GELU it replaces with a gradient of about 1 near
+# slope 1 (measured on MiniLM), so at λ = 1 the slopes settle far from 1 (0.14 to 0.34 after an epoch,
+# and snapping them destroyed the model), while at 10 they reach the threshold within the first epoch and
+# the rest of the training repairs the collapsed model.
 DEFAULTS = {
     "labels": {"lr": 1e-3, "slope_lr": 3e-2, "weight_decay": 0.05, "batch_size": 64, "lam": 1.0},
     "distill": {"lr": 2e-4, "slope_lr": 2e-2, "weight_decay": 0.01, "batch_size": 32, "lam": 10.0},
@@ -130,8 +130,6 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         hf.hide_progress()
     with distributed() as ctx:
         if cfg.objective == "distill":
-            from lc_onnx.torch import posttrain
-
             # The output directory is made once the model and data have loaded (nothing half-written).
             return posttrain.run(cfg, ctx, (lambda: _Outputs(cfg.out).epoch) if ctx.main else None)
         return _finetune(cfg, ctx)
