@@ -236,10 +236,12 @@ def _fold_shape_values(inferred: onnx.ModelProto) -> list[onnx.TensorProto]:
                 continue
         else:
             continue
-        for name, value in zip(node.output, values):
-            value = np.asarray(value)
-            if value.size > _SMALL or value.dtype.kind not in "iub":  # shapes, indices and masks only
-                break
+        arrays = [np.asarray(v) for v in values]
+        # Shapes, indices and masks only, and every output of the node or none (a node whose outputs
+        # were only partly initializers would define a value twice).
+        if any(a.size > _SMALL or a.dtype.kind not in "iub" for a in arrays):
+            continue
+        for name, value in zip(node.output, arrays):
             known[name] = value
             if node.op_type != "Constant":
                 new[name] = value
@@ -248,9 +250,10 @@ def _fold_shape_values(inferred: onnx.ModelProto) -> list[onnx.TensorProto]:
 
 
 def _replace_by_constants(graph: onnx.GraphProto, values: list[onnx.TensorProto]) -> None:
-    """Make `values` initializers and drop the nodes that computed them (when all their outputs are)."""
+    """Make `values` initializers and drop the nodes that computed them (`_fold_shape_values` folds every
+    output of a node or none)."""
     names = {v.name for v in values}
-    kept = [n for n in graph.node if not n.output or not all(o in names or not o for o in n.output)]
+    kept = [n for n in graph.node if not any(o in names for o in n.output)]
     del graph.node[:]
     graph.node.extend(kept)
     graph.initializer.extend(values)
