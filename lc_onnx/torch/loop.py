@@ -190,6 +190,14 @@ def train_epoch(
     return stats
 
 
+def slope_metrics(model: nn.Module) -> dict[str, Any]:
+    """A metrics row's `penalty` (`collapse_penalty`) and `slopes` (mean slope per PReLU block)."""
+    with torch.no_grad():
+        penalty = float(collapsible.collapse_penalty(model))
+    slopes = {name: sum(v) / len(v) for name, v in collapsible.slopes(model).items()}
+    return {"penalty": penalty, "slopes": slopes}
+
+
 class Trainer:
     """One model trained epoch by epoch on this process's share of the data: AdamW with cosine decay,
     in DDP under `torchrun`; `rebuild` after the module tree changed.

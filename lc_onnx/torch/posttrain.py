@@ -47,7 +47,7 @@ from lc_onnx.errors import UserError
 from lc_onnx.torch import adaptive, collapsible, data, endstep, fidelity, hf, models, textdata
 from lc_onnx.torch.evaluate import count_params
 from lc_onnx.torch.export import export_input_names, first_tensor
-from lc_onnx.torch.loop import Dist, Step, Trainer
+from lc_onnx.torch.loop import Dist, Step, Trainer, slope_metrics
 from lc_onnx.torch.schedule import Collapser
 
 logger = logging.getLogger(__name__)
@@ -417,10 +417,7 @@ def _adaptive(cfg, ctx, student, step, splits, measure, out_metrics, params_star
 
 
 def _epoch_row(model: nn.Module, measure: Fidelity, ctx: Dist) -> dict[str, Any]:
-    with torch.no_grad():
-        penalty = float(collapsible.collapse_penalty(model))
-    slopes = {name: sum(v) / len(v) for name, v in collapsible.slopes(model).items()}
-    row: dict[str, Any] = {"penalty": penalty, "slopes": slopes, "params": count_params(model)}
+    row: dict[str, Any] = {**slope_metrics(model), "params": count_params(model)}
     if ctx.main:
         row.update(measure.torch(model, ctx.device))
     return row

@@ -31,7 +31,7 @@ from lc_onnx.errors import UserError
 from lc_onnx.torch import adaptive, collapsible, data, endstep, hf, models, posttrain
 from lc_onnx.torch.checkpoint import Structure, load_checkpoint, save_checkpoint
 from lc_onnx.torch.evaluate import accuracy, count_params, onnx_predict, torch_predict
-from lc_onnx.torch.loop import Dist, LossFn, Trainer, distributed, labelled
+from lc_onnx.torch.loop import Dist, LossFn, Trainer, distributed, labelled, slope_metrics
 from lc_onnx.torch.schedule import Collapsed, Collapser
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def resolve(cfg: FinetuneConfig) -> FinetuneConfig:
     dataset = cfg.dataset if cfg.dataset is not None or cfg.data is not None else "digits"
     objective = cfg.objective
     if objective is None:
-        objective = "distill" if cfg.data is not None or dataset.startswith("text:") else "labels"
+        objective = "distill" if cfg.data is not None or dataset.startswith(posttrain.TEXT) else "labels"
     if objective not in OBJECTIVES:
         raise UserError(
             f"{{objective}} {objective!r}: choose from {', '.join(OBJECTIVES)}", params=["objective"]
@@ -147,7 +147,7 @@ def check_config(cfg: FinetuneConfig) -> None:
         )
     if cfg.epochs < 1:
         raise UserError(f"{{epochs}} {cfg.epochs}: must be at least 1", params=["epochs"])
-    if cfg.objective == "labels" and (cfg.data is not None or cfg.dataset.startswith("text:")):
+    if cfg.objective == "labels" and (cfg.data is not None or cfg.dataset.startswith(posttrain.TEXT)):
         raise UserError(
             "{objective} labels needs a labelled image dataset (digits or an ImageFolder); "
             "text: and {data} have no labels (use distill)",
@@ -296,10 +296,7 @@ def _test_accuracy(model: nn.Module, test: Dataset, ctx: Dist) -> float | None:
 
 def _epoch_metrics(model: nn.Module, test: Dataset, ctx: Dist) -> dict[str, Any]:
     """The metrics row's penalty, mean slope per PReLU block and test accuracy after an epoch."""
-    with torch.no_grad():
-        penalty = float(collapsible.collapse_penalty(model))
-    slopes = {name: sum(v) / len(v) for name, v in collapsible.slopes(model).items()}
-    return {"penalty": penalty, "slopes": slopes, "test_acc": _test_accuracy(model, test, ctx)}
+    return {**slope_metrics(model), "test_acc": _test_accuracy(model, test, ctx)}
 
 
 def _collapse_row(done: Collapsed, model: nn.Module, test: Dataset, ctx: Dist) -> dict[str, Any]:
