@@ -73,7 +73,15 @@ def main() -> None:
     parser.add_argument("--kd-new-lr", type=float, default=1e-3)
     parser.add_argument("--bench-runs", type=int, default=30)
     parser.add_argument("--reuse", action="store_true", help="keep finished LayerCollapse runs found in OUT")
+    parser.add_argument(
+        "--render", action="store_true", help="only rewrite OUT/table.md from OUT/results.json"
+    )
     args = parser.parse_args()
+    if args.render:
+        results = json.loads((args.out / "results.json").read_text())
+        (args.out / "table.md").write_text(_table(results["rows"], results["original"]))
+        print((args.out / "table.md").read_text())
+        return
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)
     hf.hide_progress()
@@ -92,7 +100,7 @@ def main() -> None:
         machine = {**environment(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                    "seconds_so_far": time.perf_counter() - started}  # fmt: skip
         (args.out / "results.json").write_text(
-            json.dumps({"rows": rows, "machine": machine}, indent=2) + "\n"
+            json.dumps({"rows": rows, "original": exp.original_sizes, "machine": machine}, indent=2) + "\n"
         )
         (args.out / "table.md").write_text(_table(rows, exp.original_sizes))
 
@@ -315,12 +323,15 @@ def _nearest(embeddings: np.ndarray) -> np.ndarray:
 
 
 def _table(rows: list[dict], original: dict) -> str:
+    """One line per row, then the mean ± std (over seeds) of every run repeated with several seeds."""
+    first = next((r["latency"] for r in rows if "latency" in r), None)
+    original_lat = " / ".join(f"{v['original_ms']:.1f} ms" for v in first.values()) if first else ""
     lines = [
         "| run | FFN blocks collapsed | seed | held-out cosine | retrieval agreement | parameters | MACs / sentence "
         "(128 tokens) | ORT CPU latency, batch 1 / 8 (speedup) | training wall time |",
         "|---|---|---|---|---|---|---|---|---|",
         f"| original | 0/6 |  | {original['cosine']:.4f} | {original['retrieval']:.3f} | {original['params']:,} "
-        f"| {original['macs'] / 1e9:.2f} G |  |  |",
+        f"| {original['macs'] / 1e9:.2f} G | {original_lat} |  |",
     ]
     for r in rows:
         params = f"{r['params']:,}" if "params" in r else ""  # no training: not exported
@@ -333,6 +344,20 @@ def _table(rows: list[dict], original: dict) -> str:
         lines.append(
             f"| {r['run']} | {r['collapsed']}/6 | {seed} | {r['cosine']:.4f} | {r['retrieval']:.3f} | "
             f"{params} | {mac} | {lat} | {wall} |"
+        )
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("seed") is not None:
+            groups.setdefault((r["run"], r["k"]), []).append(r)
+    for (run, _), seeded in groups.items():
+        if len(seeded) < 2:
+            continue
+        cos = np.array([r["cosine"] for r in seeded])
+        ret = np.array([r["retrieval"] for r in seeded])
+        collapsed = sorted({r["collapsed"] for r in seeded})
+        lines.append(
+            f"| {run}, mean ± std | {'/'.join(map(str, collapsed))}/6 | {len(seeded)} seeds "
+            f"| {cos.mean():.4f} ± {cos.std(ddof=1):.4f} | {ret.mean():.3f} ± {ret.std(ddof=1):.3f} |  |  |  |  |"
         )
     return "\n".join(lines) + "\n"
 
