@@ -173,12 +173,23 @@ def test_adaptive_depth_stops_at_the_budget(bert_dir, text_file, tmp_path):
     [
         (lambda d, t: ["--dataset", f"text:{t.parent / 'missing.txt'}"], "no such file"),
         (lambda d, t: ["--dataset", f"text:{_empty(t)}"], "has no text"),
+        (lambda d, t: ["--dataset", f"text:{_binary(t)}"], "not a readable UTF-8 text file"),
+        (lambda d, t: ["--dataset", f"text:{t.parent}"], "not a readable UTF-8 text file"),
         (lambda d, t: ["--dataset", f"text:{t}", "--model", "hf-config:bert"], "has no tokenizer"),
         (lambda d, t: ["--dataset", f"text:{t}", "--model", "vgg-mlp"], "text needs a transformers model"),
         (lambda d, t: ["--dataset", f"text:{t}", "--distill-loss", "kl"], "kl compares logits"),
         (lambda d, t: ["--dataset", f"text:{t}", "--objective", "labels"], "--data have no labels"),
     ],
-    ids=["missing-file", "empty-file", "no-tokenizer", "not-transformers", "loss-cannot-compare", "labels"],
+    ids=[
+        "missing-file",
+        "empty-file",
+        "binary-file",
+        "directory",
+        "no-tokenizer",
+        "not-transformers",
+        "loss-cannot-compare",
+        "labels",
+    ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(bert_dir, text_file, tmp_path, capsys, make, message):
     out = tmp_path / "run"
@@ -193,6 +204,12 @@ def test_bad_input_is_one_line_and_writes_nothing(bert_dir, text_file, tmp_path,
 def _empty(text_file):
     path = text_file.parent / "empty.txt"
     path.write_text("\n \n")
+    return path
+
+
+def _binary(text_file):
+    path = text_file.parent / "weights.bin"
+    path.write_bytes(bytes(range(128, 256)) * 4)
     return path
 
 
