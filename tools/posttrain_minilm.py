@@ -85,7 +85,12 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.render:
-        results = json.loads((args.out / "results.json").read_text())
+        saved = args.out / "results.json"
+        results = json.loads(saved.read_text()) if saved.is_file() else {}
+        if "original" not in results:
+            parser.error(
+                f"--render: {saved} is missing or from an older version of this script (no 'original')"
+            )
         (args.out / "table.md").write_text(_table(results["rows"], results["original"]))
         print((args.out / "table.md").read_text())
         return
