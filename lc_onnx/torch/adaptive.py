@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lc_onnx.torch import collapsible
+from lc_onnx.torch.schedule import Schedule
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def snap(model: nn.Module, threshold: float, only: set[str] | None = None) -> di
 
 def deepest(
     model: nn.Module,
-    targets: Sequence[str],
+    fraction: float,
     *,
     train_stage: Callable[[nn.Module, int], None],
     measure: Callable[[nn.Module], float],
@@ -72,8 +73,8 @@ def deepest(
     init: float | None = None,
     metric: str = "measure",
 ) -> tuple[nn.Module, Depth]:
-    """Collapse `targets` (activation names, output side first) one per stage while `measure` stays
-    within `max_drop` of `reference`.
+    """Collapse the last `ceil(fraction * n)` of the model's n MLP blocks (as `Schedule` targets them),
+    one per stage from the output end, while `measure` stays within `max_drop` of `reference`.
 
     Args:
         model: changed in place; the returned model is it, or a copy of it as it was after the last
@@ -84,6 +85,7 @@ def deepest(
     Returns:
         The deepest model within the budget and the record of the search.
     """
+    targets = list(reversed(Schedule([b.name for b in collapsible.find_blocks(model)], [fraction]).targets()))
     depth = Depth(stopped=f"all {len(targets)} targeted block(s) collapsed within max_drop {max_drop}")
     kept = copy.deepcopy(model)
     for k, name in enumerate(targets, start=1):

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -390,8 +389,6 @@ def _train(cfg, ctx, student, step, splits, measure, out_metrics, params_start) 
 
 def _adaptive(cfg, ctx, student, step, splits, measure, out_metrics, params_start):
     """One more block per stage from the output end; keep the deepest model within `max_drop`."""
-    names = [b.name for b in collapsible.find_blocks(student)]
-    limit = math.ceil(max(cfg.fractions) * len(names))
     start = measure.torch(student, ctx.device)
 
     def train_stage(model: nn.Module, k: int) -> None:
@@ -404,7 +401,7 @@ def _adaptive(cfg, ctx, student, step, splits, measure, out_metrics, params_star
 
     student, depth = adaptive.deepest(
         student,
-        list(reversed(names[len(names) - limit :])),
+        max(cfg.fractions),
         train_stage=train_stage,
         measure=lambda model: measure.torch(model, ctx.device)[measure.metric],
         reference=1.0,
@@ -430,12 +427,12 @@ def _finish(cfg, model, outputs, held, measure, ctx, run_: _Run, loss_name, seco
     pending = {b.name for b in collapsible.prelu_blocks(model)} & set(run_.targets)
     snapped = adaptive.snap(model, cfg.threshold, pending) if cfg.snap else {}
     blocks_total = len(collapsible.find_blocks(model)) + len(run_.collapsed)
-    example = {k: v[:2].to(ctx.device) for k, v in held[0].items()}
-    names = export_input_names(outputs.example(example))
+    example = outputs.example({k: v[:2].to(ctx.device) for k, v in held[0].items()})
+    names = export_input_names(example)
     feeds = [_numpy_feed(b, names) for b in held[:2]]
     fused = endstep.export_collapse_fuse(
         model,
-        outputs.example(example),
+        example,
         cfg.out,
         threshold=cfg.threshold,
         max_error=cfg.max_error,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -227,8 +226,6 @@ def _adaptive(
 ) -> dict[str, Any]:
     """`max_drop`: one more block per stage from the output end (`adaptive.deepest`), test accuracy
     within `max_drop` (a fraction) of the unmodified model's."""
-    names = [b.name for b in collapsible.find_blocks(model)]
-    limit = math.ceil(max(cfg.fractions) * len(names))
 
     def measure(m: nn.Module) -> float:  # on every rank: each must take the same decision
         return accuracy(torch_predict(m, ctx.device), splits.test) / 100.0
@@ -246,7 +243,7 @@ def _adaptive(
     accuracy_start, params_start = measure(model), count_params(model)
     model, depth = adaptive.deepest(
         model,
-        list(reversed(names[len(names) - limit :])),
+        max(cfg.fractions),
         train_stage=train_stage,
         measure=measure,
         reference=accuracy_start,
