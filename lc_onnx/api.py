@@ -1,6 +1,6 @@
 """The public facade: `fuse` and `calibrate`, as `import lc_onnx` offers them.
 
-`fuse` is the graph pass (`lc_onnx.pipeline.fuse`) when it is given nothing but the pass's own options,
+`fuse` is the graph pass (`lc_onnx.graph.pipeline.fuse`) when it is given nothing but the pass's own options,
 and the calibrated fuse (`lc_onnx.calibration.fuse_calibrated`: fit, select within a budget, fuse) when
 it is given calibration data, a metric, or fits to choose from. This module is the only place that
 decides between the two; the pass itself never knows calibration exists.
@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import onnx
 
-from lc_onnx.algebra import ChannelAffine
 from lc_onnx.calibration import Calibration, calibrate, fuse_calibrated
-from lc_onnx.pipeline import FuseResult
-from lc_onnx.pipeline import fuse as fuse_graph
+from lc_onnx.graph.algebra import ChannelAffine
+from lc_onnx.graph.pipeline import FuseResult
+from lc_onnx.graph.pipeline import fuse as fuse_graph
 
 __all__ = ["FuseResult", "calibrate", "fuse"]
 
@@ -43,7 +43,7 @@ def fuse(
     """Collapse every qualifying Linear -> linear activation -> Linear of `model` and verify the result.
 
     `model`, `output`, `threshold`, `max_error`, `max_abs_error`, `verify`, `allow_growth`,
-    `input_shapes` and `feeds` are the graph pass's own options (see `lc_onnx.pipeline.fuse`).
+    `input_shapes` and `feeds` are the graph pass's own options (see `lc_onnx.graph.pipeline.fuse`).
 
     Args:
         fits: a mapping `{step: ChannelAffine}` applies those per-channel maps `a ⊙ h + c` as given (the

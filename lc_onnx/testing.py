@@ -12,7 +12,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from lc_onnx import runtime, verify
+from lc_onnx.graph import verify
+from lc_onnx.model import runtime
 
 
 class GraphBuilder:

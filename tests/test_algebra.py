@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lc_onnx import algebra
+from lc_onnx.graph import algebra
 
 
 def rand_layer(rng, d_in, d_out):

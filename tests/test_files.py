@@ -7,8 +7,8 @@ import stat
 
 import pytest
 
-from lc_onnx import files, io
 from lc_onnx.errors import UserError
+from lc_onnx.model import files, io
 from tests.test_io import big_model
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import onnx
 import pytest
 
-from lc_onnx import io, wire
 from lc_onnx.errors import UserError
+from lc_onnx.model import io, wire
 from lc_onnx.testing import GraphBuilder
 
 

@@ -7,7 +7,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from lc_onnx.errors import UserError
-from lc_onnx.macs import count_macs, count_params, macs_by_node
+from lc_onnx.model.macs import count_macs, count_params, macs_by_node
 
 
 def _model(text: str) -> onnx.ModelProto:
@@ -151,7 +151,7 @@ def test_unknown_shape_is_skipped_with_warning(caplog) -> None:
             Y = MatMul(f, H)
         }}"""
     )
-    with caplog.at_level("WARNING", logger="lc_onnx.macs"):
+    with caplog.at_level("WARNING", logger="lc_onnx.model.macs"):
         assert count_macs(model) == 4 * 5 * 6
     assert "unknown operand shapes" in caplog.text
 

@@ -23,7 +23,7 @@ import onnx
 
 from lc_onnx.bench import BenchConfig, run_bench
 from lc_onnx.bench.profile import SHRINKING_OPS
-from lc_onnx.macs import count_params
+from lc_onnx.model.macs import count_params
 
 logger = logging.getLogger("bench_suite")
 

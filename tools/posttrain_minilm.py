@@ -49,10 +49,10 @@ import torch
 from torch.utils.data import DataLoader
 
 import lc_onnx
-from lc_onnx import macs, runtime
 from lc_onnx.bench import BenchConfig, run_bench
 from lc_onnx.bench.report import environment
-from lc_onnx.io import load_model
+from lc_onnx.model import macs, runtime
+from lc_onnx.model.io import load_model
 from lc_onnx.torch import collapsible, fidelity, hf, textdata
 from lc_onnx.torch.export import export_onnx
 from lc_onnx.torch.loop import cosine, make_optimizer, set_lr_scale

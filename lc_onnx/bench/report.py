@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lc_onnx.bench.runner import BatchRun, BenchConfig
-from lc_onnx.files import atomic_open, write_text
+from lc_onnx.model.files import atomic_open, write_text
 
 __all__ = ["BenchResult", "environment"]
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lc_onnx import io, runtime
 from lc_onnx.errors import UserError
-from lc_onnx.macs import count_macs
+from lc_onnx.model import io, runtime
+from lc_onnx.model.macs import count_macs
 
 __all__ = ["BatchRun", "BenchConfig", "Timing", "bench_models", "make_feeds", "make_session"]
 

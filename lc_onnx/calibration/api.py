@@ -11,14 +11,15 @@ from typing import Any
 import numpy as np
 import onnx
 
-from lc_onnx import io, pipeline
 from lc_onnx.calibration import data as data_mod
 from lc_onnx.calibration import fits as fits_mod
 from lc_onnx.calibration import stats as stats_mod
 from lc_onnx.calibration.fits import Calibration
 from lc_onnx.calibration.select import Budget, Metric, Selection, select
 from lc_onnx.errors import UserError
-from lc_onnx.reasons import Kind
+from lc_onnx.graph import pipeline
+from lc_onnx.graph.reasons import Kind
+from lc_onnx.model import io
 
 log = logging.getLogger(__name__)
 

@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from lc_onnx import files
-from lc_onnx.algebra import ChannelAffine
 from lc_onnx.calibration.stats import Statistics
 from lc_onnx.errors import UserError
+from lc_onnx.graph.algebra import ChannelAffine
+from lc_onnx.model import files
 
 FORMAT = "lc-onnx-fits"
 VERSION = 1

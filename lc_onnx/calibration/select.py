@@ -23,16 +23,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lc_onnx import io, runtime
 from lc_onnx.calibration.data import Feed
 from lc_onnx.calibration.fits import Calibration
 from lc_onnx.calibration.stats import needs_fit
-from lc_onnx.decide import Options
 from lc_onnx.errors import UserError
-from lc_onnx.pipeline import collapse_graph, site_finder
-from lc_onnx.reasons import Kind, Reason
-from lc_onnx.report import Verification
-from lc_onnx.verify import output_errors
+from lc_onnx.graph.decide import Options
+from lc_onnx.graph.pipeline import collapse_graph, site_finder
+from lc_onnx.graph.reasons import Kind, Reason
+from lc_onnx.graph.report import Verification
+from lc_onnx.graph.verify import output_errors
+from lc_onnx.model import io, runtime
 
 log = logging.getLogger(__name__)
 

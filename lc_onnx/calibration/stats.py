@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from lc_onnx import io, runtime
 from lc_onnx.calibration.data import Feed
-from lc_onnx.constants import Constants
-from lc_onnx.sites import Site, Step
+from lc_onnx.graph.constants import Constants
+from lc_onnx.graph.sites import Site, Step
+from lc_onnx.model import io, runtime
 
 log = logging.getLogger(__name__)
 

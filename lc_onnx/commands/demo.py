@@ -10,7 +10,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from lc_onnx import files
+from lc_onnx.model import files
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,11 +20,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lc_onnx import io
     from lc_onnx.api import fuse
-    from lc_onnx.demo import build_demo_model
     from lc_onnx.errors import UserError
-    from lc_onnx.report import summary
+    from lc_onnx.graph.report import summary
+    from lc_onnx.model import io
+    from lc_onnx.model.demo import build_demo_model
 
     out = args.out if args.out is not None else Path(tempfile.mkdtemp(prefix="lc-onnx-demo-"))
     if not out.is_dir():

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _read_report(path: Path) -> dict:
-    from lc_onnx import files
+    from lc_onnx.model import files
 
     data = files.read_json(path, "JSON report")
     if not isinstance(data, dict):

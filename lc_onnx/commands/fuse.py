@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lc_onnx import files
 from lc_onnx.commands import common
 from lc_onnx.commands.triton_options import add_triton_arguments, triton_options_from_args
 from lc_onnx.errors import UserError
+from lc_onnx.model import files
 
 FLAGS = {**common.FLAGS, "repo_dir": "--triton-repo"}
 
@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lc_onnx.api import fuse
-    from lc_onnx.report import summary
+    from lc_onnx.graph.report import summary
 
     output = None if args.dry_run else (args.output or default_output(args.model))
     deploy = _check_deploy(args) if args.triton_repo is not None else None

@@ -20,9 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lc_onnx import io
-    from lc_onnx.decide import Options
-    from lc_onnx.pipeline import collapse_graph
+    from lc_onnx.graph.decide import Options
+    from lc_onnx.graph.pipeline import collapse_graph
+    from lc_onnx.model import io
 
     loaded = io.load(args.model)
     rewritten = collapse_graph(loaded, Options(threshold=args.threshold, allow_growth=args.allow_growth))

@@ -41,11 +41,11 @@ from typing import Any
 import onnx
 from google.protobuf import text_format
 
-from lc_onnx import files, io, runtime
 from lc_onnx.deploy import model_config
 from lc_onnx.deploy.config import TritonConfig, build_config
 from lc_onnx.deploy.options import DEFAULT_MAX_BATCH_SIZE, TritonOptions
 from lc_onnx.errors import UserError, one_line
+from lc_onnx.model import files, io, runtime
 
 log = logging.getLogger(__name__)
 

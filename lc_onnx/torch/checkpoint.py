@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lc_onnx import files
 from lc_onnx.errors import UserError, one_line
+from lc_onnx.model import files
 from lc_onnx.torch import blocks, collapsible
 
 

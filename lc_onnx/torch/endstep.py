@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from lc_onnx import files, io
-from lc_onnx.report import Report
+from lc_onnx.graph.report import Report
+from lc_onnx.model import files, io
 from lc_onnx.torch import collapsible
 from lc_onnx.torch.checkpoint import Structure, save_checkpoint
 from lc_onnx.torch.evaluate import count_params

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lc_onnx import runtime
+from lc_onnx.model import runtime
 
 Predict = Callable[[torch.Tensor], torch.Tensor | np.ndarray]
 

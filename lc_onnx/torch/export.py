@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lc_onnx import files
+from lc_onnx.model import files
 
 logger = logging.getLogger(__name__)
 

@@ -41,8 +41,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lc_onnx import runtime
 from lc_onnx.errors import UserError
+from lc_onnx.model import runtime
 from lc_onnx.torch import adaptive, collapsible, data, endstep, fidelity, hf, models, textdata
 from lc_onnx.torch.evaluate import count_params
 from lc_onnx.torch.export import export_input_names, first_tensor

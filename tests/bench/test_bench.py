@@ -15,7 +15,7 @@ from lc_onnx.bench import BenchConfig, Timing, run_bench
 from lc_onnx.bench.profile import profile_op_times
 from lc_onnx.cli import main
 from lc_onnx.errors import UserError
-from lc_onnx.files import umask
+from lc_onnx.model.files import umask
 
 D, H = 16, 32
 

@@ -10,9 +10,9 @@ import numpy as np
 import onnx
 import pytest
 
-from lc_onnx import io as lc_io
-from lc_onnx.decide import Options
-from lc_onnx.pipeline import collapse_graph
+from lc_onnx.graph.decide import Options
+from lc_onnx.graph.pipeline import collapse_graph
+from lc_onnx.model import io as lc_io
 from lc_onnx.testing import GraphBuilder
 
 torch = pytest.importorskip("torch")

@@ -11,9 +11,9 @@ from onnx import helper
 from onnx.reference import ReferenceEvaluator
 
 import lc_onnx
-from lc_onnx.activations import CONTRIB_OPS, MS_DOMAIN
+from lc_onnx.graph.activations import CONTRIB_OPS, MS_DOMAIN
+from lc_onnx.graph.verify import measure
 from lc_onnx.testing import GraphBuilder, ort_outputs, rel_l2
-from lc_onnx.verify import measure
 
 H = 32
 

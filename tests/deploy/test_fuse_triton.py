@@ -13,7 +13,7 @@ import onnx.parser
 import pytest
 
 from lc_onnx.cli import main
-from lc_onnx.demo import build_demo_model
+from lc_onnx.model.demo import build_demo_model
 from tests.deploy import helpers
 
 pytest.importorskip("tritonclient")

@@ -13,10 +13,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import lc_onnx
-from lc_onnx import io as lc_io
-from lc_onnx.demo import build_demo_model
 from lc_onnx.deploy import TritonOptions, check_model_repository, write_model_repository
 from lc_onnx.errors import UserError
+from lc_onnx.model import io as lc_io
+from lc_onnx.model.demo import build_demo_model
 from tests.deploy import helpers
 
 pytest.importorskip("tritonclient")

@@ -32,8 +32,8 @@ import onnx.parser
 import pytest
 
 import lc_onnx
-from lc_onnx.demo import build_demo_model
 from lc_onnx.deploy import TritonOptions, write_model_repository
+from lc_onnx.model.demo import build_demo_model
 from tests.deploy import helpers
 
 http = pytest.importorskip("tritonclient.http")

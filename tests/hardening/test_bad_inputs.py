@@ -14,8 +14,9 @@ import numpy as np
 import onnx
 import pytest
 
-from lc_onnx import cli, runtime
+from lc_onnx import cli
 from lc_onnx.commands.common import parse_input_shapes
+from lc_onnx.model import runtime
 from tests.hardening.corpus import ERRORS, OUTPUTS, Invocation
 
 REPO = Path(__file__).resolve().parents[2]

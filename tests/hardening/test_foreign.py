@@ -23,7 +23,7 @@ import onnx
 import pytest
 
 import lc_onnx
-from lc_onnx import runtime
+from lc_onnx.model import runtime
 from lc_onnx.testing import ort_outputs, rel_l2
 
 torch = pytest.importorskip("torch")

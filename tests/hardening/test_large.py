@@ -203,7 +203,7 @@ def test_weight_dtype_is_kept_and_values_are_exact(dtype):
 
 def test_weights_near_the_protobuf_limit_are_written_external(tmp_path, monkeypatch):
     """A fused model that would not fit one protobuf goes to an external data file (limit lowered)."""
-    from lc_onnx import io
+    from lc_onnx.model import io
 
     monkeypatch.setattr(io, "PROTO_LIMIT_BYTES", 4096)
     model = mlp((64, 128, 64))

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
 import lc_onnx
-from lc_onnx import runtime
+from lc_onnx.model import runtime
 from lc_onnx.testing import rel_l2
 from tests.hardening.graphs import MIN_IR
 

@@ -13,8 +13,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 onnx = pytest.importorskip("onnx")
 
-from lc_onnx import runtime  # noqa: E402
 from lc_onnx.cli import main  # noqa: E402
+from lc_onnx.model import runtime  # noqa: E402
 from lc_onnx.torch.fidelity import pooled_cosine  # noqa: E402
 
 WORDS = [

@@ -33,7 +33,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx.reference.op_run import OpRun
 
-from lc_onnx.constants import Constants
+from lc_onnx.graph.constants import Constants
 
 MS_DOMAIN = "com.microsoft"
 ELEMENTWISE_OPS = frozenset(

@@ -17,9 +17,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from lc_onnx.constants import Constants
-from lc_onnx.decide import Collapse
-from lc_onnx.sites import rank_of
+from lc_onnx.graph.constants import Constants
+from lc_onnx.graph.decide import Collapse
+from lc_onnx.graph.sites import rank_of
 
 
 class Namer:

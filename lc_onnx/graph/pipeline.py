@@ -21,15 +21,16 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from lc_onnx import files, io, macs, rewrite, runtime
-from lc_onnx.algebra import ChannelAffine
-from lc_onnx.constants import Constants
-from lc_onnx.decide import Collapse, Options, Skip, decide
 from lc_onnx.errors import UserError, VerificationError
-from lc_onnx.reasons import Kind
-from lc_onnx.report import Report, SiteReport, Verification
-from lc_onnx.sites import SiteFinder
-from lc_onnx.verify import compare
+from lc_onnx.graph import rewrite
+from lc_onnx.graph.algebra import ChannelAffine
+from lc_onnx.graph.constants import Constants
+from lc_onnx.graph.decide import Collapse, Options, Skip, decide
+from lc_onnx.graph.reasons import Kind
+from lc_onnx.graph.report import Report, SiteReport, Verification
+from lc_onnx.graph.sites import SiteFinder
+from lc_onnx.graph.verify import compare
+from lc_onnx.model import files, io, macs, runtime, shapes
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +237,7 @@ def _slopes(sites, constants: Constants) -> dict[str, list[float]]:
 def _add_inferred_shapes(graph: gs.Graph, skeleton: onnx.ModelProto) -> None:
     """Give graph tensors the shapes onnx infers (on the data-free skeleton: no weights are serialized)."""
     try:
-        inferred = macs.infer(skeleton)
+        inferred = shapes.infer(skeleton)
     except Exception as exc:  # shapes only refine matching (ranks); go on without them
         log.info("shape inference failed (%s); matching without shapes", exc)
         return

@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from lc_onnx import activations
-from lc_onnx.algebra import Affine, ChannelAffine
-from lc_onnx.constants import Constants, describe
-from lc_onnx.reasons import Kind, Reason
+from lc_onnx.graph import activations
+from lc_onnx.graph.algebra import Affine, ChannelAffine
+from lc_onnx.graph.constants import Constants, describe
+from lc_onnx.graph.reasons import Kind, Reason
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class Linear:
 
     def affine(self, constants: Constants) -> Affine:
         """The whole layer, `pre` and `post` steps included, as one float64 `Affine`."""
-        from lc_onnx import algebra
+        from lc_onnx.graph import algebra
 
         d_in, d_out = self.shape(constants)
         w = np.asarray(self.weight_matrix(constants), dtype=np.float64) * self.alpha

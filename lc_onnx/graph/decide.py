@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lc_onnx import algebra
-from lc_onnx.algebra import Affine, ChannelAffine
-from lc_onnx.constants import Constants
-from lc_onnx.reasons import Kind, Reason
-from lc_onnx.sites import Linear, Site, exclusive_params, rank_of
+from lc_onnx.graph import algebra
+from lc_onnx.graph.algebra import Affine, ChannelAffine
+from lc_onnx.graph.constants import Constants
+from lc_onnx.graph.reasons import Kind, Reason
+from lc_onnx.graph.sites import Linear, Site, exclusive_params, rank_of
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from lc_onnx import files, wire
 from lc_onnx.errors import UserError, one_line
+from lc_onnx.model import files, wire
 
 # Tensors at least this large go to the external data file when a model is saved with external data.
 EXTERNAL_MIN_BYTES = 1024

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from lc_onnx import io
+from lc_onnx.model import io
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from types import ModuleType
 import numpy as np
 import onnx
 
-from lc_onnx import io
 from lc_onnx.errors import UserError, one_line
+from lc_onnx.model import io
 
 DEFAULT_DYNAMIC_DIM = 2
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}

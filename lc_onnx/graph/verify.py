@@ -15,9 +15,9 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from lc_onnx import runtime
 from lc_onnx.errors import UserError, VerificationError
-from lc_onnx.report import OutputError, Verification
+from lc_onnx.graph.report import OutputError, Verification
+from lc_onnx.model import runtime
 
 
 def measure(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> OutputError:
