@@ -13,29 +13,7 @@ import pytest
 import lc_onnx
 from lc_onnx.errors import VerificationError
 from lc_onnx.testing import GraphBuilder, op_types, ort_outputs, rel_l2
-
-EXACT = 1e-5
-
-
-def check_fused(
-    model: onnx.ModelProto, feeds: dict, *, collapsed: int, ops: list[str], tol: float = EXACT, **kw
-):
-    result = lc_onnx.fuse(model, **kw)
-    assert result.collapsed == collapsed, result.report.to_json()
-    assert op_types(result.model) == ops
-    onnx.checker.check_model(result.model, full_check=True)
-    for got, want in zip(ort_outputs(result.model, feeds), ort_outputs(model, feeds)):
-        assert got.dtype == want.dtype and got.shape == want.shape
-        assert rel_l2(got, want) <= tol
-    return result
-
-
-def x2(d: int, n: int = 5, seed: int = 1) -> dict:
-    return {"x": np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)}
-
-
-def x3(d: int, shape=(3, 7), seed: int = 1) -> dict:
-    return {"x": np.random.default_rng(seed).standard_normal((*shape, d)).astype(np.float32)}
+from tests.graph.checks import EXACT, check_fused, x2, x3
 
 
 def mlp2(act, *, trans_b=True, d=(16, 64, 8), rank=2, opset=17, dtype=np.float32) -> onnx.ModelProto:

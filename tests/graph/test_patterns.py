@@ -17,7 +17,7 @@ import pytest
 import lc_onnx
 from lc_onnx import cli
 from lc_onnx.testing import GraphBuilder, op_types, ort_outputs, rel_l2
-from tests.test_pipeline import EXACT, check_fused, x2, x3
+from tests.graph.checks import EXACT, check_fused, x2, x3
 
 T = 7  # tokens
 

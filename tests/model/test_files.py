@@ -9,7 +9,7 @@ import pytest
 
 from lc_onnx.errors import UserError
 from lc_onnx.model import files, io
-from tests.test_io import big_model
+from tests.model.graphs import big_model
 
 
 def mode(path) -> int:

@@ -8,14 +8,7 @@ import pytest
 
 from lc_onnx.errors import UserError
 from lc_onnx.model import io, wire
-from lc_onnx.testing import GraphBuilder
-
-
-def big_model(d: int = 256) -> onnx.ModelProto:
-    g = GraphBuilder()
-    h = g.gemm(g.input("x", ["N", d]), d, d, name="fc1")  # 256 KiB weight: above wire.MIN_BYTES
-    g.output(g.gemm(g.prelu(h, 1.0), d, 4, name="fc2"), ["N", 4])
-    return g.model()
+from tests.model.graphs import big_model
 
 
 def test_wire_loader_keeps_weights_on_disk_and_reads_them_back(tmp_path):
