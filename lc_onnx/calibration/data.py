@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 
 from lc_onnx.errors import UserError, one_line
+from lc_onnx.model.protos import dims_of
 
 Feed = dict[str, np.ndarray]
 MAX_HELD_OUT = 32
@@ -72,9 +73,8 @@ def input_specs(model: onnx.ModelProto) -> dict[str, InputSpec]:
         tt = value.type.tensor_type
         if not value.type.HasField("tensor_type") or not tt.elem_type:
             raise UserError(f"input {value.name!r} is not a tensor; calibration feeds tensors only")
-        dims = None
-        if tt.HasField("shape"):
-            dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+        known = dims_of(value)
+        dims = None if known is None else tuple(known)
         specs[value.name] = InputSpec(
             value.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)), dims
         )

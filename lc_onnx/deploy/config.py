@@ -25,6 +25,9 @@ from google.protobuf.message import Message
 from lc_onnx.deploy import model_config
 from lc_onnx.deploy.options import ACCELERATORS, INSTANCE_KINDS
 from lc_onnx.errors import UserError, one_line
+from lc_onnx.model.protos import dims_of
+
+TRITON_DYNAMIC_DIM = -1  # how a Triton model configuration writes a dim of any size
 
 TensorProto = onnx.TensorProto
 PLATFORM = "onnxruntime_onnx"
@@ -210,14 +213,15 @@ def _spec(value: onnx.ValueInfoProto, role: str) -> TensorSpec:
         raise UserError(
             f"{role} {value.name!r} has element type {_elem_name(elem)}, which Triton cannot serve"
         )
-    if not tensor_type.HasField("shape"):
+    known = dims_of(value)
+    if known is None:
         raise UserError(f"{role} {value.name!r} has no shape, not even a rank; Triton needs dims")
-    dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor_type.shape.dim)
+    dims = tuple(TRITON_DYNAMIC_DIM if d is None else d for d in known)
     return TensorSpec(
         name=value.name,
         data_type=TRITON_DTYPES[elem],
         dims=dims,
-        dynamic_leading=bool(dims) and dims[0] == -1,
+        dynamic_leading=bool(dims) and dims[0] == TRITON_DYNAMIC_DIM,
     )
 
 

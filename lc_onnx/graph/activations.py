@@ -34,8 +34,8 @@ import onnx_graphsurgeon as gs
 from onnx.reference.op_run import OpRun
 
 from lc_onnx.graph.constants import Constants
+from lc_onnx.model.protos import MS_DOMAIN, is_default_domain
 
-MS_DOMAIN = "com.microsoft"
 ELEMENTWISE_OPS = frozenset(
     {
         "Add", "Sub", "Mul", "Div", "Pow", "Neg", "Abs", "Sqrt", "Reciprocal", "Exp", "Erf", "Tanh",
@@ -146,7 +146,7 @@ def _region(x: gs.Tensor, constants: Constants) -> list[gs.Node]:
 
 
 def _joins(node: gs.Node, produced: set[str], constants: Constants) -> bool:
-    if node.op not in ELEMENTWISE_OPS or (node.domain or "") not in ("", "ai.onnx") or len(node.outputs) != 1:
+    if node.op not in ELEMENTWISE_OPS or not is_default_domain(node.domain) or len(node.outputs) != 1:
         return False
     inputs = [t for t in node.inputs if t.name]
     return any(t.name in produced for t in inputs) and all(

@@ -21,6 +21,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from lc_onnx.model import io
+from lc_onnx.model.protos import is_default_domain
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class Constants:
         node = tensor.inputs[0]
         if node.op == "Constant":
             return _attribute_value(node)
-        if node.op not in FOLDABLE_OPS or (node.domain or "") not in ("", "ai.onnx"):
+        if node.op not in FOLDABLE_OPS or not is_default_domain(node.domain):
             return None
         inputs = []
         for inp in node.inputs:
@@ -133,7 +134,7 @@ def _stored_tensors(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto | onnx
     stored: dict = {t.name: t for t in graph.initializer}
     stored.update((s.values.name, s) for s in graph.sparse_initializer)
     for node in graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output:
+        if node.op_type == "Constant" and is_default_domain(node.domain) and node.output:
             for attr in node.attribute:
                 if attr.name == "value" and attr.HasField("t"):
                     stored[node.output[0]] = attr.t
@@ -157,6 +158,6 @@ def _attribute_value(node: gs.Node) -> np.ndarray | None:
 
 def opset_of(model: onnx.ModelProto) -> int:
     for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx"):
+        if is_default_domain(imp.domain):
             return int(imp.version)
     return 1

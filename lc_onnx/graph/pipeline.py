@@ -31,6 +31,7 @@ from lc_onnx.graph.report import Report, SiteReport, Verification
 from lc_onnx.graph.sites import SiteFinder
 from lc_onnx.graph.verify import compare
 from lc_onnx.model import files, io, macs, runtime, shapes
+from lc_onnx.model.protos import dims_of
 
 log = logging.getLogger(__name__)
 
@@ -247,9 +248,7 @@ def _add_inferred_shapes(graph: gs.Graph, skeleton: onnx.ModelProto) -> None:
         if isinstance(tensor, gs.Variable) and tensor.shape is None and info.type.HasField("tensor_type"):
             tt = info.type.tensor_type
             if tt.HasField("shape"):
-                tensor.shape = [
-                    d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim
-                ]
+                tensor.shape = dims_of(info, symbolic=True)
             if tensor.dtype is None and tt.elem_type:
                 tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
 

@@ -38,6 +38,7 @@ from lc_onnx.graph import activations
 from lc_onnx.graph.algebra import Affine, ChannelAffine
 from lc_onnx.graph.constants import Constants, describe
 from lc_onnx.graph.reasons import Kind, Reason
+from lc_onnx.model.protos import MS_DOMAIN, is_default_domain
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +51,6 @@ AFFINE_OPS = ("Mul", "Add", "Sub", "Div")
 RESHAPE_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 LINEAR_OPS = ("Gemm", "MatMul", "Conv")
 FLOAT_TYPES = (np.float16, np.float32, np.float64)
-
-
-def _domain(node: gs.Node) -> str:
-    return node.domain or ""
 
 
 @dataclass(frozen=True)
@@ -276,7 +273,7 @@ class SiteFinder:
 
     def sites(self) -> Iterator[Site]:
         for node in list(self.graph.nodes):
-            if node.op in LINEAR_OPS and _domain(node) in ("", "ai.onnx"):
+            if node.op in LINEAR_OPS and is_default_domain(node.domain):
                 layer = self.linear(node, leading=True)
                 if layer is not None:
                     site = self._follow(layer)
@@ -433,7 +430,7 @@ class SiteFinder:
 
     def _affine_step(self, node: gs.Node, tensor: gs.Tensor, axis: int, d: int) -> Step | None:
         """`node` as a per-feature constant step applied to `tensor`, or None."""
-        if node.op not in AFFINE_OPS or _domain(node) not in ("", "ai.onnx") or len(node.inputs) != 2:
+        if node.op not in AFFINE_OPS or not is_default_domain(node.domain) or len(node.inputs) != 2:
             return None
         if node.inputs[0] is tensor:
             other = node.inputs[1]
@@ -536,7 +533,7 @@ class SiteFinder:
         if not others:
             return []
         source = self._shape_source(steps)
-        if source is not None and all(c.op == "Shape" and _domain(c) in ("", "ai.onnx") for c in others):
+        if source is not None and all(c.op == "Shape" and is_default_domain(c.domain) for c in others):
             shape_users += [(c, source) for c in others]
             return []
         return [Reason(Kind.CONSUMER, f"{tensor.name!r} also feeds {describe(others[0])}")]
@@ -582,14 +579,14 @@ class SiteFinder:
             return None
         extra_outputs_used = any(out.outputs or out.name in self._outputs for out in node.outputs[1:])
         op = node.op
-        if _domain(node) == activations.MS_DOMAIN:
+        if node.domain == MS_DOMAIN:
             if op in activations.CONTRIB_ACTIVATIONS and len(node.outputs) == 1:
                 constant_rest = all(self.constants.value(t) is not None for t in node.inputs[1:] if t.name)
                 return (
                     Step((node,), "nonlinear", op, tensor, node.outputs[0], axis) if constant_rest else None
                 )
             return None
-        if _domain(node) not in ("", "ai.onnx"):
+        if not is_default_domain(node.domain):
             return None
 
         def single(kind: str) -> Step:

@@ -23,6 +23,7 @@ from onnx import numpy_helper
 
 from lc_onnx.errors import UserError, one_line
 from lc_onnx.model import files, wire
+from lc_onnx.model.protos import is_default_domain
 
 # Tensors at least this large go to the external data file when a model is saved with external data.
 EXTERNAL_MIN_BYTES = 1024
@@ -192,7 +193,7 @@ def _is_big(tensor: onnx.TensorProto) -> bool:
 
 
 def _big_constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
-    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+    if node.op_type != "Constant" or not is_default_domain(node.domain):
         return None
     for attr in node.attribute:
         if attr.name == "value" and attr.HasField("t") and _is_big(attr.t):

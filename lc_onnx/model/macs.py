@@ -19,7 +19,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import onnx
 from onnx import TensorProto
 
-from lc_onnx.model.shapes import MS_DOMAIN, Shape, attribute, infer_shapes
+from lc_onnx.model.protos import MS_DOMAIN, is_default_domain
+from lc_onnx.model.shapes import Shape, attribute, infer_shapes
 
 __all__ = ["count_macs", "count_params", "macs_by_node"]
 
@@ -56,7 +57,7 @@ def count_params(model: onnx.ModelProto) -> int:
     graph = model.graph
     total = sum(_numel(t.dims) for t in graph.initializer if t.data_type in _FLOAT_TYPES)
     for node in graph.node:
-        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+        if node.op_type != "Constant" or not is_default_domain(node.domain):
             continue
         for attr in node.attribute:
             if attr.name == "value" and attr.t.data_type in _FLOAT_TYPES:
@@ -123,7 +124,7 @@ def _node_macs(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> int | None:
     """MACs of one node, 0 for ops that are not counted, None when a needed shape is unknown."""
     if node.domain == MS_DOMAIN:
         return _contrib_macs(node, shapes)
-    if node.domain not in ("", "ai.onnx"):
+    if not is_default_domain(node.domain):
         return 0
     op = node.op_type
     if op not in ("MatMul", "Gemm", "Conv", "ConvTranspose"):

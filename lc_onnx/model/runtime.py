@@ -26,6 +26,7 @@ import onnx
 
 from lc_onnx.errors import UserError, one_line
 from lc_onnx.model import io
+from lc_onnx.model.protos import dims_of
 
 DEFAULT_DYNAMIC_DIM = 2
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -179,16 +180,13 @@ def input_shapes(
         if value.name in overrides:
             shapes[value.name] = tuple(int(d) for d in overrides.pop(value.name))
             continue
-        tensor_type = value.type.tensor_type
-        if not tensor_type.HasField("shape"):
+        dims = dims_of(value)
+        if dims is None:
             raise UserError(
                 f"input {value.name!r} has no known rank; give its shape in {{input_shapes}}",
                 params=["input_shapes"],
             )
-        shapes[value.name] = tuple(
-            d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else DEFAULT_DYNAMIC_DIM
-            for d in tensor_type.shape.dim
-        )
+        shapes[value.name] = tuple(DEFAULT_DYNAMIC_DIM if d is None else d for d in dims)
     if overrides:
         names = ", ".join(sorted(overrides))
         raise UserError(f"{{input_shapes}} names unknown input(s): {names}", params=["input_shapes"])

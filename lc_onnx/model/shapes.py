@@ -17,39 +17,41 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lc_onnx.errors import UserError
 from lc_onnx.model import io
+from lc_onnx.model.protos import MS_DOMAIN, dims_of, is_default_domain
 
-__all__ = ["MS_DOMAIN", "Shape", "attribute", "infer", "infer_shapes"]
+__all__ = ["Shape", "attribute", "infer", "infer_shapes"]
 
 logger = logging.getLogger(__name__)
 
 Shape = list  # list[int | None]; None is a dim shape inference could not pin down.
+# A dynamic input dim that `input_shapes` does not set: shapes then hold for a batch of one.
+UNKNOWN_INPUT_DIM = 1
 
 
 def _input_dims(value: onnx.ValueInfoProto, override: Sequence[int] | None) -> tuple[int, list[int]] | None:
-    ttype = value.type.tensor_type
     if not value.type.HasField("tensor_type"):
         return None
-    # A negative dim_value is dynamic, as onnxruntime treats it (some exporters write -1 for the batch).
-    static = [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else 1 for d in ttype.shape.dim]
+    elem = value.type.tensor_type.elem_type
+    known = dims_of(value)
     if override is None:
-        return ttype.elem_type, static
+        return elem, [UNKNOWN_INPUT_DIM if d is None else d for d in known or []]
     dims = [int(d) for d in override]
-    if ttype.HasField("shape") and len(dims) != len(static):
+    if known is not None and len(dims) != len(known):
         raise UserError(
-            f"input {value.name!r} has rank {len(static)}, but {{input_shapes}} gives {len(dims)} dims {dims}",
+            f"input {value.name!r} has rank {len(known)}, but {{input_shapes}} gives {len(dims)} dims {dims}",
             params=["input_shapes"],
         )
-    for d, known in zip(dims, ttype.shape.dim, strict=False):
+    for d, fixed in zip(dims, known or [], strict=False):
         if d < 0:
             raise UserError(
                 f"input {value.name!r}: negative dim {d} in {{input_shapes}}", params=["input_shapes"]
             )
-        if known.HasField("dim_value") and known.dim_value >= 0 and known.dim_value != d:
+        if fixed is not None and fixed != d:
             raise UserError(
-                f"input {value.name!r} has a fixed dim {known.dim_value}, but {{input_shapes}} gives {d}",
+                f"input {value.name!r} has a fixed dim {fixed}, but {{input_shapes}} gives {d}",
                 params=["input_shapes"],
             )
-    return ttype.elem_type, dims
+    return elem, dims
 
 
 def _skeleton(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
@@ -87,7 +89,6 @@ def _skeleton(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]])
     return skeleton
 
 
-MS_DOMAIN = "com.microsoft"
 # onnxruntime's contrib ops whose first output has the first input's shape (and type).
 _SAME_SHAPE = frozenset(
     {
@@ -157,8 +158,8 @@ def _fold_shape_values(inferred: onnx.ModelProto) -> list[onnx.TensorProto]:
     from onnx.reference import ReferenceEvaluator
 
     graph = inferred.graph
-    opset = next((o.version for o in inferred.opset_import if o.domain in ("", "ai.onnx")), 17)
-    shapes = {v.name: _shape_of(v) for v in (*graph.input, *graph.value_info, *graph.output)}
+    opset = next((o.version for o in inferred.opset_import if is_default_domain(o.domain)), 17)
+    shapes = {v.name: dims_of(v) for v in (*graph.input, *graph.value_info, *graph.output)}
     known = {
         t.name: numpy_helper.to_array(t)
         for t in graph.initializer
@@ -168,7 +169,7 @@ def _fold_shape_values(inferred: onnx.ModelProto) -> list[onnx.TensorProto]:
     }
     new: dict[str, np.ndarray] = {}
     for node in graph.node:
-        if node.domain not in ("", "ai.onnx") or not node.output or node.output[0] in known:
+        if not is_default_domain(node.domain) or not node.output or node.output[0] in known:
             continue
         if node.op_type == "Constant":
             values = ReferenceEvaluator(node, opsets={"": opset}).run(None, {})
@@ -212,18 +213,9 @@ def _replace_by_constants(graph: onnx.GraphProto, values: list[onnx.TensorProto]
     graph.initializer.extend(values)
 
 
-def _dims(value_type: onnx.TypeProto) -> list | None:
-    if not value_type.HasField("tensor_type") or not value_type.tensor_type.HasField("shape"):
-        return None
-    return [
-        d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-        for d in value_type.tensor_type.shape.dim
-    ]
-
-
 def _contrib_outputs(node: onnx.NodeProto, types: Mapping[str, onnx.TypeProto]) -> list[onnx.ValueInfoProto]:
     """Value infos for the outputs of a `com.microsoft` node whose input shapes are known."""
-    inputs = [_dims(types[name]) if name in types else None for name in node.input]
+    inputs = [dims_of(types[name], symbolic=True) if name in types else None for name in node.input]
     if not inputs or inputs[0] is None:
         return []
     elem = types[node.input[0]].tensor_type.elem_type
@@ -262,12 +254,6 @@ def _fused_matmul_shape(node: onnx.NodeProto, a: list, b: list) -> list | None:
     return [*batch, a[-2], b[-1]]
 
 
-def _shape_of(value: onnx.ValueInfoProto) -> Shape | None:
-    if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
-        return None
-    return [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
-
-
 def infer_shapes(
     model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None
 ) -> tuple[onnx.GraphProto, dict[str, Shape]]:
@@ -299,7 +285,7 @@ def infer_shapes(
         inferred = skeleton
     shapes: dict[str, Shape] = {}
     for value in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
-        shape = _shape_of(value)
+        shape = dims_of(value)
         if shape is not None:
             shapes[value.name] = shape
     for tensor in model.graph.initializer:
@@ -313,7 +299,7 @@ def _collect_subgraph_shapes(node: onnx.NodeProto, shapes: dict[str, Shape]) -> 
     for attr in node.attribute:
         for sub in (attr.g,) if attr.HasField("g") else attr.graphs:
             for value in (*sub.input, *sub.value_info, *sub.output):
-                shape = _shape_of(value)
+                shape = dims_of(value)
                 if shape is not None:
                     shapes.setdefault(value.name, shape)
             for tensor in sub.initializer:
