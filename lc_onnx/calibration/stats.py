@@ -24,7 +24,8 @@ import onnx
 
 from lc_onnx.calibration.data import Feed
 from lc_onnx.graph.constants import Constants
-from lc_onnx.graph.sites import Site, Step
+from lc_onnx.graph.sites import Site
+from lc_onnx.graph.steps import Step, StepKind
 from lc_onnx.model import io, runtime
 
 log = logging.getLogger(__name__)
@@ -137,9 +138,9 @@ def probes_for(sites: Iterable[Site], constants: Constants) -> list[Probe]:
 
 def needs_fit(step: Step, constants: Constants) -> bool:
     """Whether the step is not exactly linear as it stands, so only a fit can make it so."""
-    if step.kind == "nonlinear":
+    if step.kind == StepKind.NONLINEAR:
         return True
-    if step.kind == "slope":
+    if step.kind == StepKind.SLOPE:
         slopes = step.slopes(constants)
         return slopes is None or bool(np.any(slopes != 1.0))
     return False

@@ -25,8 +25,11 @@ import numpy as np
 from lc_onnx.graph import algebra
 from lc_onnx.graph.algebra import Affine, ChannelAffine
 from lc_onnx.graph.constants import Constants
+from lc_onnx.graph.layers import Linear, exclusive_params
 from lc_onnx.graph.reasons import Kind, Reason
-from lc_onnx.graph.sites import Linear, Site, exclusive_params, rank_of
+from lc_onnx.graph.reshapes import rank_of
+from lc_onnx.graph.sites import Site
+from lc_onnx.graph.steps import StepKind
 
 
 @dataclass(frozen=True)
@@ -134,9 +137,9 @@ def activation_affine(site: Site, constants: Constants, options: Options) -> tup
         if step.key in fits:
             parts.append(algebra.channel_affine(fits[step.key].scale, fits[step.key].shift, d_h))
             kind = Kind.FITTED
-        elif step.kind in ("identity", "reshape", "affine"):
+        elif step.kind in (StepKind.IDENTITY, StepKind.RESHAPE, StepKind.AFFINE):
             parts.append(step.channel_affine(constants, d_h))
-        elif step.kind == "slope":
+        elif step.kind == StepKind.SLOPE:
             slopes = step.slopes(constants)
             worst = float(np.max(np.abs(slopes - 1.0))) if slopes.size else 0.0
             if worst > options.threshold:
@@ -148,7 +151,7 @@ def activation_affine(site: Site, constants: Constants, options: Options) -> tup
             parts.append(ChannelAffine.identity(d_h))
             if worst != 0.0 and kind is Kind.EXACT:
                 kind = Kind.NEAR_LINEAR
-        elif step.kind == "batchnorm":
+        elif step.kind == StepKind.BATCHNORM:
             parts.append(_batchnorm(site, step, constants, d_h))
         else:
             raise Refusal(Kind.NOT_LINEAR, f"{step.op} {step.key} is not linear")
@@ -160,7 +163,7 @@ def activation_affine(site: Site, constants: Constants, options: Options) -> tup
 def _batchnorm(site: Site, step, constants: Constants, d_h: int) -> ChannelAffine:
     """BatchNormalization normalises axis 1: the features of a rank-2 tensor or of a convolution."""
     rank = rank_of(step.input)
-    if rank is None and site.producer.is_gemm and all(s.kind != "reshape" for s in site.steps):
+    if rank is None and site.producer.is_gemm and all(s.kind != StepKind.RESHAPE for s in site.steps):
         rank = 2
     if not site.producer.is_conv and rank != 2:
         raise Refusal(
@@ -188,7 +191,7 @@ def _output_shape(
     Raises:
         Refusal: the head's leading shape is only known at run time.
     """
-    reshapes = [s for s in steps if s.kind == "reshape"]
+    reshapes = [s for s in steps if s.kind == StepKind.RESHAPE]
     if not reshapes:
         return None
     rank_in, rank_head = rank_of(first.input), rank_of(head.core_input)

@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 
 from lc_onnx.graph.constants import Constants
 from lc_onnx.graph.decide import Collapse
-from lc_onnx.graph.sites import rank_of
+from lc_onnx.graph.reshapes import rank_of
 
 
 class Namer:
