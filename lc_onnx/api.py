@@ -9,14 +9,14 @@ decides between the two; the pass itself never knows calibration exists.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import numpy as np
 import onnx
 
 from lc_onnx.calibration import Calibration, calibrate, fuse_calibrated
 from lc_onnx.graph.algebra import ChannelAffine
+from lc_onnx.graph.options import FuseOptions
 from lc_onnx.graph.pipeline import FuseResult
 from lc_onnx.graph.pipeline import fuse as fuse_graph
 
@@ -26,26 +26,17 @@ __all__ = ["FuseResult", "calibrate", "fuse"]
 def fuse(
     model: str | os.PathLike | onnx.ModelProto,
     *,
-    output: str | os.PathLike | None = None,
-    threshold: float = 0.05,
-    max_error: float = 1e-2,
-    max_abs_error: float | None = None,
-    verify: bool = True,
-    allow_growth: bool = False,
-    input_shapes: Mapping[str, Sequence[int]] | None = None,
-    feeds: Iterable[Mapping[str, np.ndarray]] | None = None,
     fits: Mapping[str, ChannelAffine] | Calibration | str | os.PathLike | None = None,
     data: Any = None,
     metric: Callable[..., float] | None = None,
     max_drop: float | None = None,
     calib_batches: int | None = None,
+    **options: Any,
 ) -> FuseResult:
     """Collapse every qualifying Linear -> linear activation -> Linear of `model` and verify the result.
 
-    `model`, `output`, `threshold`, `max_error`, `max_abs_error`, `verify`, `allow_growth`,
-    `input_shapes` and `feeds` are the graph pass's own options (see `lc_onnx.graph.pipeline.fuse`).
-
     Args:
+        model: a path to an `.onnx` file (its external data stays on disk) or an in-memory `ModelProto`.
         fits: a mapping `{step: ChannelAffine}` applies those per-channel maps `a ⊙ h + c` as given (the
             pass alone); a `Calibration` or a fits file (`lc-onnx calibrate -o`) is a set of candidates
             for the calibrated fuse below (with `data`: selected on its held-out feeds; without: all
@@ -58,20 +49,25 @@ def fuse(
             with `max_drop`, the budget instead of `max_error`.
         calib_batches: fit on the first N feeds of `data` and hold out the next ones (default: every
             fourth feed is held out).
+        **options: the graph pass's own options, the fields of `lc_onnx.graph.options.FuseOptions`:
+            `output`, `threshold`, `max_error`, `max_abs_error`, `verify`, `allow_growth`, `input_shapes`,
+            `feeds`.
 
     Raises:
         UserError: the model cannot be read or written, or the options do not fit it.
         VerificationError: the fused model deviates more than `max_error` (nothing is written).
     """
-    common = dict(
-        output=output, max_error=max_error, max_abs_error=max_abs_error, verify=verify,
-        allow_growth=allow_growth, input_shapes=input_shapes,
-    )  # fmt: skip
     calibrated = (
         data is not None or metric is not None or (fits is not None and not isinstance(fits, Mapping))
     )
     if not calibrated:
-        return fuse_graph(model, threshold=threshold, feeds=feeds, fits=fits, **common)
+        return fuse_graph(model, FuseOptions(fits=fits, **options))
     return fuse_calibrated(
-        model, data=data, fits=fits, metric=metric, max_drop=max_drop, calib_batches=calib_batches, **common
+        model,
+        FuseOptions(**options),
+        data=data,
+        fits=fits,
+        metric=metric,
+        max_drop=max_drop,
+        calib_batches=calib_batches,
     )

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ from lc_onnx.calibration.fits import Calibration
 from lc_onnx.calibration.select import Budget, Metric, Selection, select
 from lc_onnx.errors import UserError
 from lc_onnx.graph import pipeline
+from lc_onnx.graph.options import FuseOptions
 from lc_onnx.graph.reasons import Kind
 from lc_onnx.model import io
 
@@ -70,24 +72,21 @@ def _check_batches(calib_batches: int | None) -> None:
 
 def fuse_calibrated(
     model: ModelLike,
+    options: FuseOptions,
     *,
     data: Any = None,
     fits: Calibration | str | os.PathLike | None = None,
-    max_error: float = 1e-2,
-    max_abs_error: float | None = None,
     metric: Metric | None = None,
     max_drop: float | None = None,
     calib_batches: int | None = None,
-    output: str | os.PathLike | None = None,
-    verify: bool = True,
-    allow_growth: bool = False,
-    input_shapes: Mapping[str, Sequence[int]] | None = None,
 ):
     """Fit (or reuse `fits`), choose the sites within the budget on held-out feeds, then fuse with the
-    chosen fits and verify on the held-out feeds. Returns the `FuseResult` whose report carries, per site,
+    chosen fits and verify on the held-out feeds. Of `options`, `output`, `max_error`, `max_abs_error`,
+    `verify`, `allow_growth` and `input_shapes` are used. Returns the `FuseResult` whose report carries, per site,
     `calibration: {step: {op, fit_error, estimated_error, measured_error, decision, reason}}`."""
     if (metric is None) != (max_drop is None):
         raise UserError("{metric} and {max_drop} go together", params=["metric", "max_drop"])
+    max_error, max_abs_error = options.max_error, options.max_abs_error
     if max_error < 0 or (max_drop is not None and max_drop < 0):
         raise UserError("{max_error} and {max_drop} must be >= 0", params=["max_error", "max_drop"])
     _check_batches(calib_batches)
@@ -112,7 +111,7 @@ def fuse_calibrated(
         )
     budget = Budget(max_error=max_error, max_abs_error=max_abs_error, metric=metric, max_drop=max_drop)
     if held or metric is not None:
-        selection = select(loaded, calibration, held, budget, allow_growth=allow_growth)
+        selection = select(loaded, calibration, held, budget, allow_growth=options.allow_growth)
         chosen = calibration.affines(selection.accepted)
     else:
         selection, chosen = None, calibration.affines()
@@ -122,11 +121,13 @@ def fuse_calibrated(
         abs_gate = None if max_abs_error is None else max(max_abs_error, selection.baseline.worst_max_abs)
     if metric is not None:
         gate, abs_gate = float("inf"), None  # the metric decided; output errors are still reported
+    source = loaded.path if loaded.path is not None else loaded.proto
     result = pipeline.fuse(
-        loaded.path if loaded.path is not None else loaded.proto,
-        output=output, threshold=0.0, max_error=gate, max_abs_error=abs_gate, verify=verify, allow_growth=allow_growth,
-        input_shapes=input_shapes, feeds=held or None, fits=chosen,
-    )  # fmt: skip
+        source,
+        replace(
+            options, threshold=0.0, max_error=gate, max_abs_error=abs_gate, feeds=held or None, fits=chosen
+        ),
+    )
     annotate(result.report, calibration, selection)
     return result
 

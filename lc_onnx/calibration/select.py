@@ -27,7 +27,7 @@ from lc_onnx.calibration.data import Feed
 from lc_onnx.calibration.fits import Calibration
 from lc_onnx.calibration.stats import needs_fit
 from lc_onnx.errors import UserError
-from lc_onnx.graph.decide import Options
+from lc_onnx.graph.options import DEFAULT_MAX_ERROR, FuseOptions
 from lc_onnx.graph.pipeline import collapse_graph, site_finder
 from lc_onnx.graph.reasons import Kind, Reason
 from lc_onnx.graph.report import Verification
@@ -44,7 +44,7 @@ class Budget:
     """`max_error` on the outputs' relative L2 error (and `max_abs_error` on their largest absolute
     error, when given), or `metric` with `max_drop` (then the output errors are not used for selection)."""
 
-    max_error: float = 1e-2
+    max_error: float = DEFAULT_MAX_ERROR
     max_abs_error: float | None = None
     metric: Metric | None = None
     max_drop: float | None = None
@@ -123,7 +123,7 @@ class _Measurer:
         """The candidate with `fits`: its output errors, its metric (with a metric budget) and the nodes
         of the sites that collapsed."""
         rewritten = collapse_graph(
-            self.loaded, Options(threshold=0.0, allow_growth=self.allow_growth, fits=fits)
+            self.loaded, FuseOptions(threshold=0.0, allow_growth=self.allow_growth, fits=fits)
         )
         collapsed = [n for s in rewritten.sites if s.decision == "collapsed" for n in s.nodes]
         proto = rewritten.proto if rewritten.proto is not None else self.loaded.proto

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lc_onnx.errors import UserError
+from lc_onnx.graph.options import DEFAULT_MAX_ERROR, DEFAULT_THRESHOLD
 
 # How these commands spell the library's parameters where it is not `--name-with-dashes`.
 FLAGS = {"input_shapes": "--input-shape", "spec": "--data"}
@@ -14,12 +15,12 @@ FLAGS = {"input_shapes": "--input-shape", "spec": "--data"}
 
 def add_fuse_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--threshold", type=float, default=0.05,
-        help="PRelu/LeakyRelu slopes within this distance of 1 count as linear (default 0.05)",
+        "--threshold", type=float, default=DEFAULT_THRESHOLD,
+        help="PRelu/LeakyRelu slopes within this distance of 1 count as linear (default %(default)g)",
     )  # fmt: skip
     parser.add_argument(
-        "--max-error", type=float, default=1e-2,
-        help="largest allowed relative L2 error of any output (default 1e-2)",
+        "--max-error", type=float, default=DEFAULT_MAX_ERROR,
+        help="largest allowed relative L2 error of any output (default %(default)g)",
     )  # fmt: skip
     parser.add_argument(
         "--max-abs-error", type=float, metavar="A",

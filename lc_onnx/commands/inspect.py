@@ -20,12 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lc_onnx.graph.decide import Options
+    from lc_onnx.graph.options import FuseOptions
     from lc_onnx.graph.pipeline import collapse_graph
     from lc_onnx.model import io
 
     loaded = io.load(args.model)
-    rewritten = collapse_graph(loaded, Options(threshold=args.threshold, allow_growth=args.allow_growth))
+    rewritten = collapse_graph(loaded, FuseOptions(threshold=args.threshold, allow_growth=args.allow_growth))
     if args.json:
         print(json.dumps([s.to_dict() for s in rewritten.sites], indent=2))
         return 0

@@ -17,7 +17,7 @@ is not zero, the new bias).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,19 +26,11 @@ from lc_onnx.graph import algebra
 from lc_onnx.graph.algebra import Affine, ChannelAffine
 from lc_onnx.graph.constants import Constants
 from lc_onnx.graph.layers import Linear, exclusive_params
+from lc_onnx.graph.options import FuseOptions
 from lc_onnx.graph.reasons import Kind, Reason
 from lc_onnx.graph.reshapes import rank_of
 from lc_onnx.graph.sites import Site
 from lc_onnx.graph.steps import StepKind
-
-
-@dataclass(frozen=True)
-class Options:
-    """What `decide` needs besides the graph. `fits` maps a step's key to its fitted affine map."""
-
-    threshold: float = 0.05
-    allow_growth: bool = False
-    fits: Mapping[str, ChannelAffine] | None = None
 
 
 @dataclass(frozen=True)
@@ -116,7 +108,7 @@ class _Ready:
     kind: Kind
 
 
-def activation_affine(site: Site, constants: Constants, options: Options) -> tuple[ChannelAffine, Kind]:
+def activation_affine(site: Site, constants: Constants, options: FuseOptions) -> tuple[ChannelAffine, Kind]:
     """The site's activation as one `a ⊙ h + c` and how it was obtained (EXACT, NEAR_LINEAR: slopes
     taken as 1, FITTED: calibration fits).
 
@@ -210,7 +202,7 @@ def _output_shape(
     )
 
 
-def decide(sites: Sequence[Site], constants: Constants, options: Options) -> list[Collapse | Skip]:
+def decide(sites: Sequence[Site], constants: Constants, options: FuseOptions) -> list[Collapse | Skip]:
     """A decision for every site; layers already taken by an earlier collapse are left for the next round."""
     decisions: list[Collapse | Skip] = []
     ready: list[_Ready] = []
@@ -268,7 +260,7 @@ def _segments(dims: list[int], allow_growth: bool) -> list[tuple[int, int]]:
 
 
 def _decide_chain(
-    chain: list[_Ready], constants: Constants, options: Options, taken: set[int]
+    chain: list[_Ready], constants: Constants, options: FuseOptions, taken: set[int]
 ) -> list[Collapse | Skip]:
     """Site `chain[m]` joins `layers[m]` and `layers[m + 1]`."""
     layers = [chain[0].site.producer] + [r.site.consumers[0] for r in chain]
@@ -320,7 +312,7 @@ def _growth_skip(item: _Ready, dims: list[int], m: int, constants: Constants) ->
 
 
 def _decide_fanout(
-    item: _Ready, constants: Constants, options: Options, taken: set[int]
+    item: _Ready, constants: Constants, options: FuseOptions, taken: set[int]
 ) -> Collapse | Skip | None:
     site = item.site
     layers = (site.producer, *site.consumers)

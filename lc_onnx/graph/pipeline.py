@@ -13,19 +13,17 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from lc_onnx.errors import UserError, VerificationError
 from lc_onnx.graph import rewrite
-from lc_onnx.graph.algebra import ChannelAffine
 from lc_onnx.graph.constants import Constants
-from lc_onnx.graph.decide import Collapse, Options, Skip, decide
+from lc_onnx.graph.decide import Collapse, Skip, decide
+from lc_onnx.graph.options import FuseOptions
 from lc_onnx.graph.reasons import Kind
 from lc_onnx.graph.report import Report, SiteReport, Verification
 from lc_onnx.graph.sites import SiteFinder
@@ -71,64 +69,69 @@ class Rewritten:
     sites: list[SiteReport]
 
 
-def fuse(
-    model: str | os.PathLike | onnx.ModelProto,
-    *,
-    output: str | os.PathLike | None = None,
-    threshold: float = 0.05,
-    max_error: float = 1e-2,
-    max_abs_error: float | None = None,
-    verify: bool = True,
-    allow_growth: bool = False,
-    input_shapes: Mapping[str, Sequence[int]] | None = None,
-    feeds: Iterable[Mapping[str, np.ndarray]] | None = None,
-    fits: Mapping[str, ChannelAffine] | None = None,
-) -> FuseResult:
+def fuse(model: str | os.PathLike | onnx.ModelProto, options: FuseOptions | None = None) -> FuseResult:
     """Collapse every qualifying Linear -> linear activation -> Linear of `model` and verify the result.
 
     Args:
-        model: a path to an `.onnx` file (its external data stays on disk) or an in-memory `ModelProto`.
-        output: where to write the fused model (atomically, after verification); None keeps it in memory.
-        threshold: PRelu/LeakyRelu slopes within this distance of 1 count as the identity.
-        max_error: largest allowed relative L2 error of any output; beyond it `VerificationError`.
-        max_abs_error: also a largest allowed absolute error of any output element (None: no limit).
-        verify: run original and fused in onnxruntime (strongly recommended).
-        allow_growth: collapse even when the single layer has more weights than the ones it replaces.
-        input_shapes: concrete shapes for graph inputs (dynamic dims default to 2); sets verification and
-            MAC-count shapes.
-        feeds: verification inputs (`{input name: array}` per run) instead of random data.
-        fits: fitted per-channel affine maps `a ⊙ h + c` for activation steps, keyed by step name; these
-            sites collapse with the fitted map (calibration chooses them; see `lc_onnx.calibration`).
+        model: a path to an `.onnx` file (its external data stays on disk) or an in-memory `ModelProto`;
+            neither is modified.
+        options: what to collapse, how to verify and where to write (`FuseOptions`; defaults if None).
 
     Raises:
         UserError: the model cannot be read or written, or the options do not fit it.
-        VerificationError: the fused model deviates more than `max_error` (nothing is written).
+        VerificationError: the fused model deviates more than `options.max_error` (nothing is written).
     """
     start = time.perf_counter()
-    if threshold < 0 or max_error < 0 or (max_abs_error is not None and max_abs_error < 0):
-        raise UserError(
-            "{threshold}, {max_error} and {max_abs_error} must be >= 0",
-            params=["threshold", "max_error", "max_abs_error"],
-        )
-    loaded = io.as_loaded(model)
-    out_path = Path(output) if output is not None else None
+    options = options or FuseOptions()
+    options.check()
+    work = _collapse_and_count(io.as_loaded(model), options)
+    with contextlib.ExitStack() as stack:
+        staged = _stage(work, options, stack)
+        _verify(work, staged, options)
+        work.report.seconds = time.perf_counter() - start
+        _gate(work, options)
+        if work.out_path is not None:
+            _publish(staged.parent, work.out_path)
+            return FuseResult(None, work.report, path=work.out_path)
+        return FuseResult(io.load_model(staged) if staged is not None else work.fused.proto, work.report)
+
+
+@dataclass
+class _Work:
+    """A fuse in progress: this call's own record, which it releases the weights of once staged."""
+
+    original: io.LoadedModel | None
+    fused: io.LoadedModel | None
+    report: Report
+    feeds: list[dict] | None
+    out_path: Path | None
+    changed: bool
+    original_skeleton: onnx.ModelProto  # the original without its weights: output types, rounding check
+    original_source: str | bytes  # what onnxruntime loads the original from
+
+    def release_weights(self) -> None:
+        """The fused model is on disk now: let go of both in-memory copies before onnxruntime loads them."""
+        self.original = self.fused = None
+
+
+def _collapse_and_count(loaded: io.LoadedModel, options: FuseOptions) -> _Work:
+    """Check the output path, collapse, choose the verification feeds and count both models."""
+    out_path = Path(options.output) if options.output is not None else None
     if out_path is not None and loaded.path is not None and _same_file(out_path, loaded.path):
         raise UserError(f"{out_path}: output would overwrite the input model; choose another path")
-
-    options = Options(threshold=threshold, allow_growth=allow_growth, fits=fits)
     rewritten = collapse_graph(loaded, options)
+    changed = rewritten.proto is not None
     fused = (
         io.LoadedModel(rewritten.proto, loaded.base_dir, source_external=loaded.source_external)
-        if rewritten.proto is not None
+        if changed
         else loaded
     )
-
-    shapes = runtime.input_shapes(loaded.proto, input_shapes)
-    feed_list = [dict(f) for f in feeds] if feeds is not None else None
-    if feed_list is not None and not feed_list:
+    shapes = runtime.input_shapes(loaded.proto, options.input_shapes)
+    feeds = [dict(f) for f in options.feeds] if options.feeds is not None else None
+    if feeds is not None and not feeds:
         raise UserError("no verification feeds given (the data is empty)")
-    if verify and rewritten.proto is not None and feed_list is None:
-        feed_list = [runtime.random_feeds(loaded.proto, shapes, seed=0)]
+    if options.verify and changed and feeds is None:
+        feeds = [runtime.random_feeds(loaded.proto, shapes, seed=0)]
     # Counting needs dims only: work on data-free skeletons.
     before, after = io.skeleton(loaded.proto), io.skeleton(fused.proto)
     report = Report(
@@ -139,38 +142,42 @@ def fuse(
         macs_after=macs.count_macs(after, shapes),
         verification=Verification(note="model unchanged: nothing collapsed"),
     )
-    original_source = _session_source(loaded)
-    changed = rewritten.proto is not None
+    return _Work(loaded, fused, report, feeds, out_path, changed, before, _session_source(loaded))
 
-    with contextlib.ExitStack() as stack:
-        staging = staged = None
-        if out_path is not None or (changed and fused.has_external_data and verify):
-            parent = out_path.parent if out_path is not None else None
-            if parent is not None and not parent.is_dir():
-                raise UserError(f"{out_path}: directory {parent} does not exist")
-            staging = Path(stack.enter_context(files.staging_dir(parent)))
-            staged = staging / (out_path.name if out_path is not None else "model.onnx")
-            io.save(fused, staged)
-            # The weights now live in files; drop the in-memory copies before onnxruntime loads both models.
-            loaded.proto = before
-            fused = rewritten = None
-        if changed and verify:
-            fused_source = str(staged) if staged is not None else fused.proto.SerializeToString()
-            report.verification = compare(original_source, fused_source, feed_list)
-        elif changed:
-            report.verification = Verification(note="verification disabled")
-        report.seconds = time.perf_counter() - start
-        verification = report.verification
-        breach = verification.breach(max_error, max_abs_error)
-        if breach is not None:
-            raise VerificationError(f"fused model differs from the original: {breach}; nothing written")
-        if changed and all(s.reason_kind == Kind.EXACT for s in report.collapsed):
-            _check_rounding(verification, before)
-        if out_path is not None:
-            _publish(staging, out_path)
-            return FuseResult(None, report, path=out_path)
-        model_out = io.load_model(staged) if staged is not None else fused.proto
-    return FuseResult(model_out, report)
+
+def _stage(work: _Work, options: FuseOptions, stack: contextlib.ExitStack) -> Path | None:
+    """Write the fused model into a temporary directory beside the output (or anywhere, when it has
+    external data and is verified in memory otherwise), so it is verified as it will be read."""
+    fused = work.fused
+    if work.out_path is None and not (work.changed and fused.has_external_data and options.verify):
+        return None
+    parent = work.out_path.parent if work.out_path is not None else None
+    if parent is not None and not parent.is_dir():
+        raise UserError(f"{work.out_path}: directory {parent} does not exist")
+    staging = Path(stack.enter_context(files.staging_dir(parent)))
+    staged = staging / (work.out_path.name if work.out_path is not None else "model.onnx")
+    io.save(fused, staged)
+    work.release_weights()
+    return staged
+
+
+def _verify(work: _Work, staged: Path | None, options: FuseOptions) -> None:
+    """Run the original and the fused model on the same feeds; the comparison goes into the report."""
+    if work.changed and options.verify:
+        fused_source = str(staged) if staged is not None else work.fused.proto.SerializeToString()
+        work.report.verification = compare(work.original_source, fused_source, work.feeds)
+    elif work.changed:
+        work.report.verification = Verification(note="verification disabled")
+
+
+def _gate(work: _Work, options: FuseOptions) -> None:
+    """Refuse a fused model beyond the error budget; warn when an exact one is beyond float rounding."""
+    verification = work.report.verification
+    breach = verification.breach(options.max_error, options.max_abs_error)
+    if breach is not None:
+        raise VerificationError(f"fused model differs from the original: {breach}; nothing written")
+    if work.changed and all(s.reason_kind == Kind.EXACT for s in work.report.collapsed):
+        _check_rounding(verification, work.original_skeleton)
 
 
 def _check_rounding(verification: Verification, model: onnx.ModelProto) -> None:
@@ -199,7 +206,7 @@ def site_finder(loaded: io.LoadedModel) -> SiteFinder:
     return SiteFinder(graph, constants)
 
 
-def collapse_graph(loaded: io.LoadedModel, options: Options) -> Rewritten:
+def collapse_graph(loaded: io.LoadedModel, options: FuseOptions) -> Rewritten:
     """Run find/decide/rewrite rounds on a copy of the graph; the input proto is not modified."""
     proto = loaded.proto
     finder = site_finder(loaded)

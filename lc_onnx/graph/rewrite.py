@@ -11,7 +11,8 @@ Weights are composed in float64 (by `decide`) and cast back to the original weig
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -19,6 +20,7 @@ import onnx_graphsurgeon as gs
 
 from lc_onnx.graph.constants import Constants
 from lc_onnx.graph.decide import Collapse
+from lc_onnx.graph.layers import Linear
 from lc_onnx.graph.reshapes import rank_of
 
 
@@ -37,40 +39,119 @@ class Namer:
         return name
 
 
+@dataclass(frozen=True)
+class Emission:
+    """One collapsed layer to write: `output = input @ weight + bias` in the spelling of `kind`.
+
+    `weight` is `[d_in, d_out]` and `bias` `[d_out]` (None: no bias), both in the model's dtype; `name`
+    is the base of every node and tensor name the layer gets; `spatial` is a 1x1 conv's spatial rank.
+    """
+
+    kind: str  # "gemm", "matmul" or "conv"
+    name: str
+    input: gs.Tensor
+    output: gs.Tensor
+    weight: np.ndarray
+    bias: np.ndarray | None
+    spatial: int = 0
+
+
+class Writer:
+    """Adds nodes and constants to a graph under unique names; one method per emitted spelling."""
+
+    def __init__(self, graph: gs.Graph, constants: Constants) -> None:
+        self.graph = graph
+        self.constants = constants
+        self.name = Namer(graph)
+
+    def node(self, op: str, name: str, inputs: list, outputs: list, attrs: dict | None = None) -> None:
+        self.graph.nodes.append(
+            gs.Node(op, self.name(name), attrs=attrs or {}, inputs=inputs, outputs=outputs)
+        )
+
+    def constant(self, name: str, value: np.ndarray) -> gs.Constant:
+        return self.constants.add(self.name(name), value)
+
+    def emit(self, e: Emission) -> None:
+        EMITTERS[e.kind](self, e)
+
+    def gemm(self, e: Emission) -> None:
+        inputs = [e.input, self.constant(e.name + ".weight", np.ascontiguousarray(e.weight.T))]
+        if e.bias is not None:
+            inputs.append(self.constant(e.name + ".bias", e.bias))
+        self.node("Gemm", e.name, inputs, [e.output], {"transB": 1})
+
+    def conv(self, e: Emission) -> None:
+        """A 1x1 convolution over `e.spatial` dims: the weight `[d_out, d_in, 1, ...]`."""
+        d_in, d_out = e.weight.shape
+        kernel = np.ascontiguousarray(e.weight.T).reshape(d_out, d_in, *([1] * e.spatial))
+        inputs = [e.input, self.constant(e.name + ".weight", kernel)]
+        if e.bias is not None:
+            inputs.append(self.constant(e.name + ".bias", e.bias))
+        self.node("Conv", e.name, inputs, [e.output], {"kernel_shape": [1] * e.spatial})
+
+    def matmul(self, e: Emission) -> None:
+        w = self.constant(e.name + ".weight", np.ascontiguousarray(e.weight))
+        if e.bias is None:
+            self.node("MatMul", e.name, [e.input, w], [e.output])
+            return
+        out = e.output
+        mm = gs.Variable(self.name(e.name + "/MatMul_output_0"), dtype=out.dtype, shape=out.shape)
+        self.node("MatMul", e.name + "/MatMul", [e.input, w], [mm])
+        self.node("Add", e.name + "/Add", [mm, self.constant(e.name + ".bias", e.bias)], [out])
+
+
+# Emission kind -> how it is written. A new linear-layer spelling adds its emitter here.
+EMITTERS: dict[str, Callable[[Writer, Emission], None]] = {
+    "gemm": Writer.gemm,
+    "matmul": Writer.matmul,
+    "conv": Writer.conv,
+}
+
+
 def apply(graph: gs.Graph, collapses: Sequence[Collapse], constants: Constants) -> None:
     """Rewrite `graph` in place: one new linear layer per head of every collapse."""
-    namer = Namer(graph)
+    writer = Writer(graph, constants)
     for collapse in collapses:
         first = collapse.chain[0]
         dtype = np.asarray(constants.value(first.weight)).dtype
+        kind = _emission_kind(first)
         for head in collapse.heads:
             base = (head.layer.core.name or first.core.name or "lc") + "/collapsed"
-            weight = head.result.weight.astype(dtype)
-            bias = head.result.bias.astype(dtype) if head.with_bias else None
             out = head.layer.output
             head.layer.nodes[-1].outputs.clear()
             target = out
             if head.reshape is not None:
-                target = gs.Variable(namer(base + "/output"), dtype=out.dtype)
-            if first.is_conv:
-                _conv(
-                    graph, namer, constants, base, first.input, target, weight, bias, -first.feature_axis - 1
+                target = gs.Variable(writer.name(base + "/output"), dtype=out.dtype)
+            writer.emit(
+                Emission(
+                    kind,
+                    base,
+                    first.input,
+                    target,
+                    head.result.weight.astype(dtype),
+                    head.result.bias.astype(dtype) if head.with_bias else None,
+                    spatial=-first.feature_axis - 1,
                 )
-            else:
-                emit = _gemm if first.is_gemm or rank_of(first.input) == 2 else _matmul
-                emit(graph, namer, constants, base, first.input, target, weight, bias)
+            )
             if head.reshape is not None:
-                shape = constants.add(namer(base + "/shape"), np.asarray(head.reshape, dtype=np.int64))
-                graph.nodes.append(
-                    gs.Node("Reshape", namer(base + "/Reshape"), inputs=[target, shape], outputs=[out])
-                )
+                shape = writer.constant(base + "/shape", np.asarray(head.reshape, dtype=np.int64))
+                writer.node("Reshape", base + "/Reshape", [target, shape], [out])
         for site in collapse.sites:
             for node, source in site.shape_users:
-                _read_shape_from(node, source, namer, constants)
+                _read_shape_from(node, source, writer)
     graph.cleanup().toposort()
 
 
-def _read_shape_from(node: gs.Node, source: gs.Tensor, namer: Namer, constants: Constants) -> None:
+def _emission_kind(first: Linear) -> str:
+    """How the collapsed layer is spelled: a conv stays a 1x1 conv, rank-2 inputs get a Gemm (as the
+    torch exporters write `nn.Linear`), higher or unknown ranks MatMul + Add."""
+    if first.is_conv:
+        return "conv"
+    return "gemm" if first.is_gemm or rank_of(first.input) == 2 else "matmul"
+
+
+def _read_shape_from(node: gs.Node, source: gs.Tensor, writer: Writer) -> None:
     """Turn `Shape(t, start, end)` of a removed tensor into `Slice(source, start, end)` (or `Identity`)
     of the tensor that holds the same shape."""
     start, end = node.attrs.get("start"), node.attrs.get("end")
@@ -85,38 +166,10 @@ def _read_shape_from(node: gs.Node, source: gs.Tensor, namer: Namer, constants: 
     node.inputs.extend(
         [
             source,
-            constants.add(namer(node.name + "/starts"), np.asarray(bounds[:1], dtype=np.int64)),
-            constants.add(namer(node.name + "/ends"), np.asarray(bounds[1:], dtype=np.int64)),
+            writer.constant(node.name + "/starts", np.asarray(bounds[:1], dtype=np.int64)),
+            writer.constant(node.name + "/ends", np.asarray(bounds[1:], dtype=np.int64)),
         ]
     )
-
-
-def _gemm(graph, namer, constants, base, x, out, weight, bias) -> None:
-    inputs = [x, constants.add(namer(base + ".weight"), np.ascontiguousarray(weight.T))]
-    if bias is not None:
-        inputs.append(constants.add(namer(base + ".bias"), bias))
-    graph.nodes.append(gs.Node("Gemm", namer(base), attrs={"transB": 1}, inputs=inputs, outputs=[out]))
-
-
-def _conv(graph, namer, constants, base, x, out, weight, bias, spatial: int) -> None:
-    """A 1x1 convolution over `spatial` dims: the weight `[d_out, d_in, 1, ...]`."""
-    kernel = np.ascontiguousarray(weight.T).reshape(weight.shape[1], weight.shape[0], *([1] * spatial))
-    inputs = [x, constants.add(namer(base + ".weight"), kernel)]
-    if bias is not None:
-        inputs.append(constants.add(namer(base + ".bias"), bias))
-    attrs = {"kernel_shape": [1] * spatial}
-    graph.nodes.append(gs.Node("Conv", namer(base), attrs=attrs, inputs=inputs, outputs=[out]))
-
-
-def _matmul(graph, namer, constants, base, x, out, weight, bias) -> None:
-    w = constants.add(namer(base + ".weight"), np.ascontiguousarray(weight))
-    if bias is None:
-        graph.nodes.append(gs.Node("MatMul", namer(base), inputs=[x, w], outputs=[out]))
-        return
-    mm = gs.Variable(namer(base + "/MatMul_output_0"), dtype=out.dtype, shape=out.shape)
-    graph.nodes.append(gs.Node("MatMul", namer(base + "/MatMul"), inputs=[x, w], outputs=[mm]))
-    b = constants.add(namer(base + ".bias"), bias)
-    graph.nodes.append(gs.Node("Add", namer(base + "/Add"), inputs=[mm, b], outputs=[out]))
 
 
 def restore_sparse(new: onnx.ModelProto, old: onnx.ModelProto) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from lc_onnx.graph.decide import Options
+from lc_onnx.graph.options import FuseOptions
 from lc_onnx.graph.pipeline import collapse_graph
 from lc_onnx.model import io as lc_io
 from lc_onnx.testing import GraphBuilder
@@ -51,7 +51,7 @@ def export(act: nn.Module, dynamo: bool, opset: int) -> onnx.ModelProto:
 
 
 def site_steps(model: onnx.ModelProto) -> list[tuple[str, str, str]]:
-    rewritten = collapse_graph(lc_io.from_proto(model), Options(threshold=0.0))
+    rewritten = collapse_graph(lc_io.from_proto(model), FuseOptions(threshold=0.0))
     return [(s.activation, s.decision, s.reason) for s in rewritten.sites]
 
 
@@ -100,4 +100,4 @@ def test_pattern_refusals(build):
     else:
         y = g.node("Mul", [h, g.node("Sigmoid", [g.node("Mul", [h, g.init("b", np.ones((2, 1)))])])])
     g.output(g.gemm(y, 8, 4, name="fc2"), [2, 4])
-    assert collapse_graph(lc_io.from_proto(g.model()), Options(threshold=0.0)).sites == []
+    assert collapse_graph(lc_io.from_proto(g.model()), FuseOptions(threshold=0.0)).sites == []
