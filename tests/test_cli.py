@@ -1,10 +1,8 @@
-"""The command line: outputs, report schema, exit codes, one-line errors, and the README's commands."""
+"""The command line: outputs, report schema, exit codes, one-line errors."""
 
 from __future__ import annotations
 
 import json
-import os
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +13,6 @@ import pytest
 from lc_onnx import cli
 from lc_onnx.testing import GraphBuilder, op_types
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-from readme_blocks import shell_blocks  # noqa: E402
-
-README = (ROOT / "README.md").read_text()
 SITE_KEYS = {"nodes", "activation", "decision", "reason", "params_before", "params_after"}
 REPORT_KEYS = {
     "sites",
@@ -182,22 +175,3 @@ def test_demo_json_prints_the_report_and_nothing_else(tmp_path, capsys):
         ("collapsed", "near_linear"),
         ("skipped", "not_linear"),
     ]
-
-
-def test_readme_set_up_blocks_are_what_ci_runs():
-    blocks = shell_blocks(README)
-    assert blocks[0].strip() == 'pip install ".[cpu]" && lc-onnx demo'
-    assert blocks[1].strip().startswith('pip install -e ".[cpu,torch,dev]" && ')
-    assert blocks[1].strip().endswith(" && python -m pytest -q")
-    ci = (ROOT / ".ci" / "run").read_text()
-    assert "readme_blocks.py README.md 0" in ci and "readme_blocks.py README.md 1" in ci
-
-
-def test_readme_fuse_examples_run(tmp_path, monkeypatch):
-    section = README[README.index("<!-- section:fuse -->") : README.index("<!-- /section:fuse -->")]
-    lines = [line for line in shell_blocks(section)[0].splitlines() if line.strip()]
-    assert lines and all(line.startswith("lc-onnx ") for line in lines)
-    monkeypatch.chdir(tmp_path)
-    for line in lines:
-        assert cli.main(shlex.split(line)[1:]) == 0, line
-    assert {"demo.collapsed.onnx", "report.json", "strict.onnx"} <= set(os.listdir(tmp_path))

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import json
 import math
-import shlex
 from pathlib import Path
 
 import numpy as np
@@ -155,29 +154,6 @@ def test_timing_statistics() -> None:
     assert t.ms_p90 == pytest.approx(90.1)
     assert t.ms_p99 == pytest.approx(99.01)
     assert t.throughput == pytest.approx(8 * 1000 / 50.5)
-
-
-def test_readme_bench_command_runs(models, tmp_path, monkeypatch) -> None:
-    """The `lc-onnx bench` line of the README's performance section, on the tiny models, with 1 run."""
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    section = readme[
-        readme.index("<!-- section:performance -->") : readme.index("<!-- /section:performance -->")
-    ]
-    joined = section.replace("\\\n", " ")
-    (line,) = [ln for ln in joined.splitlines() if ln.strip().startswith("lc-onnx bench out/")]
-    argv = shlex.split(line.split("#")[0])[1:]
-    swap = {
-        "out/models/vit_s16.onnx": models["a"],
-        "out/models/vit_s16.fused.onnx": models["b"],
-        "out/models/vit_s16.oracle.onnx": models["b"],
-    }
-    argv = [str(swap.get(arg, arg)) for arg in argv]
-    monkeypatch.chdir(tmp_path)
-    assert main([*argv, "--runs", "1", "--warmup", "0", "--profile", "1", "--no-progress"]) == 0
-    record = json.loads((tmp_path / "vit_s16.json").read_text())
-    assert [run["batch"] for run in record["runs"]] == [1, 8]
-    assert all(math.isfinite(run["oracle_speedup"]) for run in record["runs"])
-    assert (tmp_path / "vit_s16.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_input_shapes_set_the_sequence_and_attention_masks_are_ones(tmp_path) -> None:

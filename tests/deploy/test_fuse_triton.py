@@ -1,11 +1,8 @@
-"""`lc-onnx fuse MODEL --triton-repo DIR`: fuse and deploy in one step, and the README's deploy example."""
+"""`lc-onnx fuse MODEL --triton-repo DIR`: fuse and deploy in one step."""
 
 from __future__ import annotations
 
 import json
-import shlex
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -18,25 +15,6 @@ from tests.deploy import helpers
 
 pytest.importorskip("tritonclient")
 pytest.importorskip("onnxruntime")
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tools"))
-from readme_blocks import shell_blocks  # noqa: E402
-
-
-def test_readme_deploy_example_runs(tmp_path, monkeypatch):
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("<!-- section:deploy -->") : readme.index("<!-- /section:deploy -->")]
-    lines = [line for line in shell_blocks(section)[0].splitlines() if line.strip()]
-    assert lines and all(line.startswith("lc-onnx ") for line in lines)
-    monkeypatch.chdir(tmp_path)
-    for line in lines:
-        assert main(shlex.split(line)[1:]) == 0, line
-    model_dir = tmp_path / "models" / "demo"
-    assert sorted(p.name for p in model_dir.iterdir()) == [
-        "1", "2", "config.pbtxt", "fuse_report_v1.json", "fuse_report_v2.json",
-    ]  # fmt: skip
-    helpers.assert_config_matches_graph(helpers.parse_config(model_dir / "config.pbtxt"), build_demo_model())
 
 
 def test_fuse_writes_the_fused_model_as_a_new_version(tmp_path):
