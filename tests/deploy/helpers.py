@@ -12,6 +12,34 @@ import numpy as np
 import onnx
 from google.protobuf import text_format
 
+HEADER = '<ir_version: 8, opset_import: ["" : 17]>\n'
+
+# Small graphs in ONNX text: name -> (graph text, expected default max_batch_size).
+GRAPHS = {
+    "fp16_int64": (
+        "g (float16[N,4] a, int64[N,2] b) => (float16[N,4] y, int64[N,2] z) { y = Relu(a) z = Neg(b) }",
+        8,
+    ),
+    "static": ("g (float[1,4] x) => (float[1,4] y) { y = Relu(x) }", 0),
+    "symbolic_inner": ("g (float[N,T,8] x) => (float[N,T,8] y) { y = Relu(x) }", 8),
+    "batch_only_output": (
+        "g (float[N,4] x) => (float[N] s) { ax = Constant <value = int64[1] {1}> () s = ReduceSum <keepdims=0> (x, ax) }",
+        8,
+    ),
+    "static_scalar_output": ("g (float[4] x) => (float s) { s = ReduceSum <keepdims=0> (x) }", 0),
+    "string_bool": (
+        "g (string[N] t, bool[N,2] b) => (string[N] u, bool[N,2] c) { u = Identity(t) c = Not(b) }",
+        8,
+    ),
+    "bf16": ("g (bfloat16[B,3] x) => (bfloat16[B,3] y) { y = Identity(x) }", 8),
+    "unknown_leading_dim": ("g (float[?,4] x) => (float[?,4] y) { y = Relu(x) }", 8),
+    "one_static_output": (
+        "g (float[N,4] x) => (float[N,4] y, float[4] m) { y = Relu(x) m = ReduceMean <axes=[0], keepdims=0> (x) }",
+        0,
+    ),
+}
+
+
 _SCHEMA: ModuleType | None = None
 
 

@@ -10,26 +10,18 @@ import onnx.parser
 import pytest
 
 from lc_onnx.cli import main
-from lc_onnx.model.demo import build_demo_model
 from tests.deploy import helpers
 
 pytest.importorskip("tritonclient")
 pytest.importorskip("onnxruntime")
 
-HEADER = '<ir_version: 8, opset_import: ["" : 17]>\n'
-
 
 @pytest.fixture
 def static_model(tmp_path):
     path = tmp_path / "static.onnx"
-    onnx.save(onnx.parser.parse_model(HEADER + "g (float[1,4] x) => (float[1,4] y) { y = Relu(x) }"), path)
-    return path
-
-
-@pytest.fixture
-def demo_model(tmp_path):
-    path = tmp_path / "demo.onnx"
-    onnx.save(build_demo_model(), path)
+    onnx.save(
+        onnx.parser.parse_model(helpers.HEADER + "g (float[1,4] x) => (float[1,4] y) { y = Relu(x) }"), path
+    )
     return path
 
 

@@ -13,41 +13,14 @@ from tests.deploy import helpers
 
 pytest.importorskip("tritonclient")
 
-HEADER = '<ir_version: 8, opset_import: ["" : 17]>\n'
-
-# name -> (graph text, expected default max_batch_size)
-GRAPHS = {
-    "fp16_int64": (
-        "g (float16[N,4] a, int64[N,2] b) => (float16[N,4] y, int64[N,2] z) { y = Relu(a) z = Neg(b) }",
-        8,
-    ),
-    "static": ("g (float[1,4] x) => (float[1,4] y) { y = Relu(x) }", 0),
-    "symbolic_inner": ("g (float[N,T,8] x) => (float[N,T,8] y) { y = Relu(x) }", 8),
-    "batch_only_output": (
-        "g (float[N,4] x) => (float[N] s) { ax = Constant <value = int64[1] {1}> () s = ReduceSum <keepdims=0> (x, ax) }",
-        8,
-    ),
-    "static_scalar_output": ("g (float[4] x) => (float s) { s = ReduceSum <keepdims=0> (x) }", 0),
-    "string_bool": (
-        "g (string[N] t, bool[N,2] b) => (string[N] u, bool[N,2] c) { u = Identity(t) c = Not(b) }",
-        8,
-    ),
-    "bf16": ("g (bfloat16[B,3] x) => (bfloat16[B,3] y) { y = Identity(x) }", 8),
-    "unknown_leading_dim": ("g (float[?,4] x) => (float[?,4] y) { y = Relu(x) }", 8),
-    "one_static_output": (
-        "g (float[N,4] x) => (float[N,4] y, float[4] m) { y = Relu(x) m = ReduceMean <axes=[0], keepdims=0> (x) }",
-        0,
-    ),
-}
-
 
 def parse(text: str) -> onnx.ModelProto:
-    return onnx.parser.parse_model(HEADER + text)
+    return onnx.parser.parse_model(helpers.HEADER + text)
 
 
-@pytest.mark.parametrize("case", sorted(GRAPHS))
+@pytest.mark.parametrize("case", sorted(helpers.GRAPHS))
 def test_config_declares_every_input_and_output(case):
-    text, expected_batch = GRAPHS[case]
+    text, expected_batch = helpers.GRAPHS[case]
     model = parse(text)
     config = helpers.parse_config_text(build_config(model, "m").to_pbtxt())
     assert config.name == "m"
@@ -57,7 +30,7 @@ def test_config_declares_every_input_and_output(case):
 
 @pytest.mark.parametrize("batch", [0, 4])
 def test_explicit_max_batch_size_sets_dims(batch):
-    model = parse(GRAPHS["symbolic_inner"][0])
+    model = parse(helpers.GRAPHS["symbolic_inner"][0])
     config = helpers.parse_config_text(build_config(model, "m", max_batch_size=batch).to_pbtxt())
     assert config.max_batch_size == batch
     assert list(config.input[0].dims) == ([-1, 8] if batch else [-1, -1, 8])
@@ -65,7 +38,7 @@ def test_explicit_max_batch_size_sets_dims(batch):
 
 
 def test_fp16_and_int64_map_to_their_triton_types():
-    config = helpers.parse_config_text(build_config(parse(GRAPHS["fp16_int64"][0]), "m").to_pbtxt())
+    config = helpers.parse_config_text(build_config(parse(helpers.GRAPHS["fp16_int64"][0]), "m").to_pbtxt())
     schema = helpers.model_config_pb2()
     types = {t.name: schema.DataType.Name(t.data_type) for t in (*config.input, *config.output)}
     assert types == {"a": "TYPE_FP16", "y": "TYPE_FP16", "b": "TYPE_INT64", "z": "TYPE_INT64"}
@@ -123,7 +96,7 @@ def test_initializers_listed_as_inputs_are_not_served():
 
 
 def test_names_that_need_escaping_round_trip_through_text_format():
-    model = parse(GRAPHS["static"][0])
+    model = parse(helpers.GRAPHS["static"][0])
     odd = 'in "quoted" \\ tab\there é'
     model.graph.node[0].input[0] = odd
     model.graph.input[0].name = odd
@@ -133,7 +106,7 @@ def test_names_that_need_escaping_round_trip_through_text_format():
 
 @pytest.mark.parametrize("accelerator", ["cuda", "tensorrt"])
 def test_gpu_instances_and_accelerator(accelerator):
-    model = parse(GRAPHS["fp16_int64"][0])
+    model = parse(helpers.GRAPHS["fp16_int64"][0])
     text = build_config(
         model, "m", instance_kind="gpu", instances=2, dynamic_batching=True, accelerator=accelerator
     ).to_pbtxt()
@@ -148,7 +121,7 @@ def test_gpu_instances_and_accelerator(accelerator):
 
 
 def test_defaults_are_one_cpu_instance_no_batching_no_accelerator():
-    config = helpers.parse_config_text(build_config(parse(GRAPHS["static"][0]), "m").to_pbtxt())
+    config = helpers.parse_config_text(build_config(parse(helpers.GRAPHS["static"][0]), "m").to_pbtxt())
     schema = helpers.model_config_pb2()
     [group] = config.instance_group
     assert (group.kind, group.count) == (schema.ModelInstanceGroup.KIND_CPU, 1)
@@ -197,7 +170,7 @@ def test_defaults_are_one_cpu_instance_no_batching_no_accelerator():
 )  # fmt: skip
 def test_refusals_name_the_problem_and_the_parameter(case, kwargs, message, params):
     with pytest.raises(UserError) as caught:
-        build_config(parse(GRAPHS[case][0]), "m", **kwargs)
+        build_config(parse(helpers.GRAPHS[case][0]), "m", **kwargs)
     assert str(caught.value) == message
     assert caught.value.params == params
 

@@ -17,9 +17,8 @@ pytest.importorskip("tritonclient")
 pytest.importorskip("onnxruntime")
 
 
-def test_fuse_writes_the_fused_model_as_a_new_version(tmp_path):
-    source = tmp_path / "demo.onnx"
-    onnx.save(build_demo_model(), source)
+def test_fuse_writes_the_fused_model_as_a_new_version(tmp_path, demo_model):
+    source = demo_model
     out, report, repo = tmp_path / "fused.onnx", tmp_path / "report.json", tmp_path / "repo"
     argv = ["fuse", str(source), "-o", str(out), "--report", str(report), "--triton-repo", str(repo)]
     assert main([*argv, "--dynamic-batching", "--instances", "2"]) == 0

@@ -14,7 +14,6 @@ from google.protobuf import text_format
 from lc_onnx.deploy import model_config
 from lc_onnx.deploy.config import build_config
 from tests.deploy import helpers
-from tests.deploy.test_config import GRAPHS, HEADER
 
 pytest.importorskip("tritonclient")
 
@@ -54,17 +53,17 @@ def test_every_declared_field_is_tritons():
     assert len(seen) == 9
 
 
-@pytest.mark.parametrize("case", sorted(GRAPHS))
+@pytest.mark.parametrize("case", sorted(helpers.GRAPHS))
 @pytest.mark.parametrize(
     "options",
     [{}, {"instance_kind": "gpu", "instances": 3, "dynamic_batching": True, "accelerator": "tensorrt"}],
     ids=["defaults", "everything"],
 )
 def test_the_text_means_to_triton_what_it_means_to_us(case, options):
-    text, batch = GRAPHS[case]
+    text, batch = helpers.GRAPHS[case]
     if options.get("dynamic_batching") and batch == 0:
         options = {**options, "dynamic_batching": False}
-    config = build_config(onnx.parser.parse_model(HEADER + text), "m", **options)
+    config = build_config(onnx.parser.parse_model(helpers.HEADER + text), "m", **options)
     theirs = helpers.parse_config_text(config.to_pbtxt())
     ours = config.to_proto()
     assert theirs.SerializeToString(deterministic=True) == ours.SerializeToString(deterministic=True)
@@ -72,7 +71,9 @@ def test_the_text_means_to_triton_what_it_means_to_us(case, options):
 
 
 def test_the_text_is_deterministic_and_round_trips():
-    config = build_config(onnx.parser.parse_model(HEADER + GRAPHS["batch_only_output"][0]), "m")
+    config = build_config(
+        onnx.parser.parse_model(helpers.HEADER + helpers.GRAPHS["batch_only_output"][0]), "m"
+    )
     text = config.to_pbtxt()
     assert text == config.to_pbtxt() == model_config.to_text(model_config.parse(text))
     assert '  name: "s"\n  data_type: TYPE_FP32\n  dims: [1]\n  reshape {\n  }\n' in text

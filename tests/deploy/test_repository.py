@@ -22,12 +22,10 @@ from tests.deploy import helpers
 pytest.importorskip("tritonclient")
 pytest.importorskip("onnxruntime")
 
-HEADER = '<ir_version: 8, opset_import: ["" : 17]>\n'
-
 
 def small_model(width: int = 4) -> onnx.ModelProto:
     return onnx.parser.parse_model(
-        HEADER + f"g (float[N,{width}] x) => (float[N,{width}] y) {{ y = Relu(x) }}"
+        helpers.HEADER + f"g (float[N,{width}] x) => (float[N,{width}] y) {{ y = Relu(x) }}"
     )
 
 
@@ -315,7 +313,7 @@ def test_check_decides_without_writing(tmp_path):
     assert not (tmp_path / "repo").exists()
     with pytest.raises(UserError, match=r"^max_batch_size 8 needs a leading dynamic batch dimension"):
         check_model_repository(
-            onnx.parser.parse_model(HEADER + "g (float[2,4] x) => (float[2,4] y) { y = Relu(x) }"),
+            onnx.parser.parse_model(helpers.HEADER + "g (float[2,4] x) => (float[2,4] y) { y = Relu(x) }"),
             tmp_path / "repo",
             TritonOptions(name="s", max_batch_size=8),
         )

@@ -77,17 +77,16 @@ class TritonPythonModel:
         return responses
 """
 
-HEADER = '<ir_version: 8, opset_import: ["" : 17]>\n'
 TYPES_MODEL = (
-    HEADER
+    helpers.HEADER
     + "types (float16[N,4] a, int64[N,2] b) => (float16[N,4] y, int64[N,2] z) { y = Relu(a) z = Neg(b) }"
 )
 PLATFORM_LINE = 'platform: "onnxruntime_onnx"'
 REDUCE_MODEL = (
-    HEADER + "reduce (float[N,4] x) => (float[N] s) "
+    helpers.HEADER + "reduce (float[N,4] x) => (float[N] s) "
     "{ ax = Constant <value = int64[1] {1}> () s = ReduceSum <keepdims=0> (x, ax) }"
 )
-STATIC_MODEL = HEADER + "fixed (float[2,3] x) => (float[2,3] y) { y = Sigmoid(x) }"
+STATIC_MODEL = helpers.HEADER + "fixed (float[2,3] x) => (float[2,3] y) { y = Sigmoid(x) }"
 
 
 @dataclass
