@@ -33,7 +33,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx.reference.op_run import OpRun
 
-from lc_onnx.graph.constants import Constants
+from lc_onnx.graph.constant_eval import Constants
 from lc_onnx.model.protos import MS_DOMAIN, is_default_domain
 
 ELEMENTWISE_OPS = frozenset(

@@ -24,7 +24,7 @@ import numpy as np
 
 from lc_onnx.graph import algebra
 from lc_onnx.graph.algebra import Affine, ChannelAffine
-from lc_onnx.graph.constants import Constants
+from lc_onnx.graph.constant_eval import Constants
 from lc_onnx.graph.layers import Linear, exclusive_params
 from lc_onnx.graph.options import FuseOptions
 from lc_onnx.graph.reasons import Kind, Reason
@@ -55,7 +55,7 @@ class Head:
 
 
 @dataclass(frozen=True)
-class Collapse:
+class CollapsePlan:
     """`chain[0] -> ... -> chain[-1] -> act -> head` for every head, as one layer per head."""
 
     chain: tuple[Linear, ...]
@@ -93,7 +93,7 @@ class Skip:
     params: int
 
 
-class Refusal(Exception):
+class NotCollapsible(Exception):
     """A site's activation cannot be written as one affine map; `reason` says why."""
 
     def __init__(self, kind: Kind, message: str) -> None:
@@ -113,12 +113,12 @@ def activation_affine(site: Site, constants: Constants, options: FuseOptions) ->
     taken as 1, FITTED: calibration fits).
 
     Raises:
-        Refusal: the activation is not linear (enough), or does not line up with the layers.
+        NotCollapsible: the activation is not linear (enough), or does not line up with the layers.
     """
     d_h = site.producer.shape(constants)[1]
     for consumer in site.consumers:
         if consumer.shape(constants)[0] != d_h:
-            raise Refusal(
+            raise NotCollapsible(
                 Kind.SHAPE,
                 f"{consumer.name} expects {consumer.shape(constants)[0]} features, {site.producer.name} gives {d_h}",
             )
@@ -135,7 +135,7 @@ def activation_affine(site: Site, constants: Constants, options: FuseOptions) ->
             slopes = step.slopes(constants)
             worst = float(np.max(np.abs(slopes - 1.0))) if slopes.size else 0.0
             if worst > options.threshold:
-                raise Refusal(
+                raise NotCollapsible(
                     Kind.NOT_LINEAR,
                     f"{step.op} {step.key}: slopes {slopes.min():.4g}..{slopes.max():.4g} are not within "
                     f"{options.threshold:g} of 1",
@@ -146,7 +146,7 @@ def activation_affine(site: Site, constants: Constants, options: FuseOptions) ->
         elif step.kind == StepKind.BATCHNORM:
             parts.append(_batchnorm(site, step, constants, d_h))
         else:
-            raise Refusal(Kind.NOT_LINEAR, f"{step.op} {step.key} is not linear")
+            raise NotCollapsible(Kind.NOT_LINEAR, f"{step.op} {step.key} is not linear")
     for consumer in site.consumers:  # refuses what the rewrite could not reshape back
         _output_shape(site.producer, consumer, site.steps, consumer.shape(constants)[1], constants)
     return (algebra.compose_steps(parts) if parts else ChannelAffine.identity(d_h)), kind
@@ -158,7 +158,7 @@ def _batchnorm(site: Site, step, constants: Constants, d_h: int) -> ChannelAffin
     if rank is None and site.producer.is_gemm and all(s.kind != StepKind.RESHAPE for s in site.steps):
         rank = 2
     if not site.producer.is_conv and rank != 2:
-        raise Refusal(
+        raise NotCollapsible(
             Kind.UNSUPPORTED,
             f"BatchNormalization {step.key} normalises axis 1 of a rank-{rank or '?'} tensor, not the feature axis",
         )
@@ -167,7 +167,7 @@ def _batchnorm(site: Site, step, constants: Constants, d_h: int) -> ChannelAffin
         bn = algebra.batchnorm(scale, bias, mean, var, step.node.attrs.get("epsilon", 1e-5))
         return algebra.channel_affine(bn.scale, bn.shift, d_h)
     except ValueError as exc:
-        raise Refusal(Kind.SHAPE, f"BatchNormalization {step.key}: {exc}") from None
+        raise NotCollapsible(Kind.SHAPE, f"BatchNormalization {step.key}: {exc}") from None
 
 
 def _output_shape(
@@ -181,7 +181,7 @@ def _output_shape(
     constant target.
 
     Raises:
-        Refusal: the head's leading shape is only known at run time.
+        NotCollapsible: the head's leading shape is only known at run time.
     """
     reshapes = [s for s in steps if s.kind == StepKind.RESHAPE]
     if not reshapes:
@@ -195,16 +195,16 @@ def _output_shape(
         dims = [int(v) for v in np.asarray(target).reshape(-1)]
         if dims and (0 not in dims[:-1] or last.attrs.get("allowzero", 0)):
             return (*dims[:-1], d_out)
-    raise Refusal(
+    raise NotCollapsible(
         Kind.UNSUPPORTED,
         f"the reshapes between {first.name} and {head.name} regroup the leading axes into a shape known "
         "only at run time",
     )
 
 
-def decide(sites: Sequence[Site], constants: Constants, options: FuseOptions) -> list[Collapse | Skip]:
+def decide(sites: Sequence[Site], constants: Constants, options: FuseOptions) -> list[CollapsePlan | Skip]:
     """A decision for every site; layers already taken by an earlier collapse are left for the next round."""
-    decisions: list[Collapse | Skip] = []
+    decisions: list[CollapsePlan | Skip] = []
     ready: list[_Ready] = []
     for site in sites:
         if site.problems:
@@ -212,7 +212,7 @@ def decide(sites: Sequence[Site], constants: Constants, options: FuseOptions) ->
             continue
         try:
             ready.append(_Ready(site, *activation_affine(site, constants, options)))
-        except Refusal as refusal:
+        except NotCollapsible as refusal:
             decisions.append(Skip(site, refusal.reason, _site_params(site, constants)))
 
     taken: set[int] = set()
@@ -261,11 +261,11 @@ def _segments(dims: list[int], allow_growth: bool) -> list[tuple[int, int]]:
 
 def _decide_chain(
     chain: list[_Ready], constants: Constants, options: FuseOptions, taken: set[int]
-) -> list[Collapse | Skip]:
+) -> list[CollapsePlan | Skip]:
     """Site `chain[m]` joins `layers[m]` and `layers[m + 1]`."""
     layers = [chain[0].site.producer] + [r.site.consumers[0] for r in chain]
     dims = [layers[0].shape(constants)[0]] + [layer.shape(constants)[1] for layer in layers]
-    out: list[Collapse | Skip] = []
+    out: list[CollapsePlan | Skip] = []
     handled: set[int] = set()
     for i, j in _segments(dims, options.allow_growth):
         if j - i < 2:
@@ -280,7 +280,7 @@ def _decide_chain(
         steps = [s for r in items for s in r.site.steps]
         try:
             reshape = _output_shape(layers[i], layers[j - 1], steps, dims[j], constants)
-        except Refusal as refusal:
+        except NotCollapsible as refusal:
             out += [Skip(r.site, refusal.reason, _site_params(r.site, constants)) for r in items]
             continue
         collapse = _collapse(
@@ -313,7 +313,7 @@ def _growth_skip(item: _Ready, dims: list[int], m: int, constants: Constants) ->
 
 def _decide_fanout(
     item: _Ready, constants: Constants, options: FuseOptions, taken: set[int]
-) -> Collapse | Skip | None:
+) -> CollapsePlan | Skip | None:
     site = item.site
     layers = (site.producer, *site.consumers)
     d_in, d_h = site.producer.shape(constants)
@@ -347,7 +347,7 @@ def _decide_fanout(
     return collapse
 
 
-def _params_skip(site: Site, collapse: Collapse, constants: Constants) -> Skip:
+def _params_skip(site: Site, collapse: CollapsePlan, constants: Constants) -> Skip:
     """The weights would shrink, but not the parameters once biases, slopes and BatchNorm are counted."""
     return Skip(
         site,
@@ -362,11 +362,11 @@ def _params_skip(site: Site, collapse: Collapse, constants: Constants) -> Skip:
 
 def _collapse(
     chain: tuple[Linear, ...], heads: tuple[Head, ...], items: Sequence[_Ready], constants
-) -> Collapse:
+) -> CollapsePlan:
     nodes = list({id(n): n for r in items for n in r.site.nodes}.values())
     before = exclusive_params(nodes, constants)
     after = sum(h.params for h in heads)
-    return Collapse(
+    return CollapsePlan(
         chain, heads, tuple(r.site for r in items), _combined(r.kind for r in items), before, after
     )
 

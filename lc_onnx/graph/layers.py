@@ -28,7 +28,7 @@ import onnx_graphsurgeon as gs
 
 from lc_onnx.graph import algebra
 from lc_onnx.graph.algebra import Affine
-from lc_onnx.graph.constants import Constants, describe
+from lc_onnx.graph.constant_eval import Constants, describe
 from lc_onnx.graph.reasons import Kind, Reason
 from lc_onnx.graph.steps import Scope, Step, affine_step, rank_ok
 

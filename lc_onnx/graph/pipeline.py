@@ -21,8 +21,8 @@ import onnx_graphsurgeon as gs
 
 from lc_onnx.errors import UserError, VerificationError
 from lc_onnx.graph import rewrite
-from lc_onnx.graph.constants import Constants
-from lc_onnx.graph.decide import Collapse, Skip, decide
+from lc_onnx.graph.constant_eval import Constants
+from lc_onnx.graph.decide import CollapsePlan, Skip, decide
 from lc_onnx.graph.options import FuseOptions
 from lc_onnx.graph.reasons import Kind
 from lc_onnx.graph.report import Report, SiteReport, Verification
@@ -216,7 +216,7 @@ def collapse_graph(loaded: io.LoadedModel, options: FuseOptions) -> Rewritten:
     changed = False
     for _ in range(MAX_ROUNDS):
         decisions = decide(list(finder.sites()), constants, options)
-        collapses = [d for d in decisions if isinstance(d, Collapse)]
+        collapses = [d for d in decisions if isinstance(d, CollapsePlan)]
         skipped = [_skip_report(d, constants) for d in decisions if isinstance(d, Skip)]
         if not collapses:
             break
@@ -260,7 +260,7 @@ def _add_inferred_shapes(graph: gs.Graph, skeleton: onnx.ModelProto) -> None:
                 tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
 
 
-def _collapse_report(c: Collapse, constants: Constants) -> SiteReport:
+def _collapse_report(c: CollapsePlan, constants: Constants) -> SiteReport:
     return SiteReport(
         nodes=c.node_names(),
         activation=c.activation,

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from lc_onnx.graph.constants import Constants
+from lc_onnx.graph.constant_eval import Constants
 
 RESHAPE_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 # Ops a run-time shape entry passes through unchanged on its way from a `Shape` node.

@@ -18,8 +18,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from lc_onnx.graph.constants import Constants
-from lc_onnx.graph.decide import Collapse
+from lc_onnx.graph.constant_eval import Constants
+from lc_onnx.graph.decide import CollapsePlan
 from lc_onnx.graph.layers import Linear
 from lc_onnx.graph.reshapes import rank_of
 
@@ -109,7 +109,7 @@ EMITTERS: dict[str, Callable[[Writer, Emission], None]] = {
 }
 
 
-def apply(graph: gs.Graph, collapses: Sequence[Collapse], constants: Constants) -> None:
+def apply(graph: gs.Graph, collapses: Sequence[CollapsePlan], constants: Constants) -> None:
     """Rewrite `graph` in place: one new linear layer per head of every collapse."""
     writer = Writer(graph, constants)
     for collapse in collapses:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import onnx_graphsurgeon as gs
 
 from lc_onnx.graph import reshapes
-from lc_onnx.graph.constants import Constants, describe
+from lc_onnx.graph.constant_eval import Constants, describe
 from lc_onnx.graph.layers import LINEAR_OPS, Linear, layer_dims, match_linear
 from lc_onnx.graph.reasons import Kind, Reason
 from lc_onnx.graph.steps import Scope, Step, StepKind, classify

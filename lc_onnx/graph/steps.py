@@ -26,7 +26,7 @@ import onnx_graphsurgeon as gs
 
 from lc_onnx.graph import activations, reshapes
 from lc_onnx.graph.algebra import ChannelAffine
-from lc_onnx.graph.constants import Constants, describe
+from lc_onnx.graph.constant_eval import Constants, describe
 from lc_onnx.model.protos import MS_DOMAIN, is_default_domain
 
 # Element-wise activations a site may have; linear only through calibration fits.
