@@ -8,6 +8,10 @@ still dependencies). The layers, bottom to top (README, "Architecture"):
 3. calibration, bench, deploy: each uses 1-2, never another's modules;
 4. the facade (`lc_onnx`, `lc_onnx.api`) and `lc_onnx.torch`;
 5. commands and cli: the only place that knows flag names.
+
+Inside `lc_onnx.torch`, bottom to top: `blocks` (finding and collapsing blocks), `data`, `models`,
+`finetune`; the package itself imports only from `blocks`, and the fine-tuning objectives never reach
+one another.
 """
 
 from __future__ import annotations
@@ -136,3 +140,54 @@ def test_no_graphsurgeon_private_attributes():
         m for m, path in MODULES.items() if "._values" in path.read_text() or "LazyValues" in path.read_text()
     )
     assert private == []
+
+
+# Inside lc_onnx.torch: subpackages bottom to top; the package itself (the public API) sits on `blocks`.
+TORCH = "lc_onnx.torch"
+TORCH_LAYERS = {"blocks": 1, "data": 2, "models": 3, "finetune": 4}
+TORCH_MODULES = sorted(m for m in MODULES if m.startswith(f"{TORCH}."))
+# The objectives and the baseline: each imports `config` and the shared pieces, never another of these.
+OBJECTIVES = {f"{TORCH}.finetune.labels", f"{TORCH}.finetune.distill", f"{TORCH}.finetune.kd_baseline"}
+
+
+def torch_layer(module: str) -> int:
+    """The layer of a module below `lc_onnx.torch`: its subpackage's."""
+    return TORCH_LAYERS[module.split(".")[2]]
+
+
+def reached(module: str) -> set[str]:
+    """Every module `module` imports, directly or through others."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        for dep in GRAPH[todo.pop()] - seen:
+            seen.add(dep)
+            todo.append(dep)
+    return seen - {module}
+
+
+def test_every_torch_module_is_in_a_subpackage():
+    assert [m for m in TORCH_MODULES if m.split(".")[2] not in TORCH_LAYERS] == []
+    assert sorted(OBJECTIVES - set(TORCH_MODULES)) == []
+
+
+@pytest.mark.parametrize("module", TORCH_MODULES)
+def test_torch_subpackages_import_down_only(module):
+    torch_deps = {dep for dep in GRAPH[module] if dep == TORCH or dep.startswith(f"{TORCH}.")}
+    assert TORCH not in torch_deps, f"{module} imports the {TORCH} package, which sits on top of it"
+    upward = sorted(dep for dep in torch_deps - {TORCH} if torch_layer(dep) > torch_layer(module))
+    assert upward == [], f"{module} ({module.split('.')[2]}) imports upward"
+
+
+def test_the_torch_package_imports_only_from_blocks():
+    blocks = TORCH_LAYERS["blocks"]
+    outside = sorted(
+        dep for dep in GRAPH[TORCH] if not dep.startswith(f"{TORCH}.") or torch_layer(dep) != blocks
+    )
+    assert outside == []
+
+
+@pytest.mark.parametrize("module", sorted(OBJECTIVES))
+def test_objectives_never_import_one_another(module):
+    assert sorted(GRAPH[module] & OBJECTIVES) == [], "directly"
+    assert sorted(reached(module) & OBJECTIVES) == [], "through another module"

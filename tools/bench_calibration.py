@@ -33,7 +33,7 @@ def export(path: Path) -> None:
     import timm
     import torch
 
-    from lc_onnx.torch.export import export_onnx
+    from lc_onnx.torch.blocks.export import export_onnx
 
     torch.manual_seed(0)
     model = timm.create_model("vit_small_patch16_224", pretrained=False)

@@ -34,10 +34,12 @@ from pathlib import Path
 import torch
 
 from lc_onnx.bench.report import environment
-from lc_onnx.torch import collapsible, data, models
-from lc_onnx.torch.checkpoint import load_checkpoint
-from lc_onnx.torch.distill import collapsed_student, distill
-from lc_onnx.torch.recipe import FinetuneConfig, finetune
+from lc_onnx.torch.blocks import collapsible
+from lc_onnx.torch.blocks.checkpoint import load_checkpoint
+from lc_onnx.torch.data import datasets as data
+from lc_onnx.torch.finetune import FinetuneConfig, finetune
+from lc_onnx.torch.finetune.kd_baseline import collapsed_student, distill
+from lc_onnx.torch.models import builders as models
 
 VIT = "vit_tiny_patch16_224"
 VIT_ARGS = {"patch_size": 4, "depth": 6, "embed_dim": 64, "num_heads": 4}

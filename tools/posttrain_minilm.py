@@ -53,11 +53,13 @@ from lc_onnx.bench import BenchConfig, run_bench
 from lc_onnx.bench.report import environment
 from lc_onnx.model import macs, runtime
 from lc_onnx.model.io import load_model
-from lc_onnx.torch import collapsible, fidelity, hf, textdata
-from lc_onnx.torch.export import export_onnx
-from lc_onnx.torch.loop import cosine, make_optimizer, set_lr_scale
-from lc_onnx.torch.posttrain import Outputs, distill_step
-from lc_onnx.torch.recipe import FinetuneConfig, finetune
+from lc_onnx.torch.blocks import collapsible
+from lc_onnx.torch.blocks.export import export_onnx
+from lc_onnx.torch.data import text as textdata
+from lc_onnx.torch.finetune import FinetuneConfig, fidelity, finetune
+from lc_onnx.torch.finetune.distill import Outputs, distill_step
+from lc_onnx.torch.finetune.loop import cosine, make_optimizer, set_lr_scale
+from lc_onnx.torch.models import hf
 
 SEQ = 128
 EVAL_BATCH = 64

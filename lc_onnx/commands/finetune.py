@@ -147,7 +147,7 @@ def parse_model_args(items: list[str]) -> dict[str, object]:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from lc_onnx.torch.recipe import FinetuneConfig, finetune
+        from lc_onnx.torch.finetune import FinetuneConfig, finetune
     except ImportError as exc:
         raise UserError(f"needs the torch extra: pip install 'lc-onnx[torch]' ({one_line(exc)})") from None
 

@@ -18,7 +18,7 @@ RECIPE = Path(__file__).resolve().parents[2] / "calibration" / "digits.py"
 def digits_16px() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Train/test images `[n, 3, 16, 16]` and labels as `lc-onnx finetune --dataset digits` makes them
     (torch's bilinear resize; the recipe says it preprocesses the same way, and this checks it)."""
-    splits = pytest.importorskip("lc_onnx.torch.data").digits(16)
+    splits = pytest.importorskip("lc_onnx.torch.data.datasets").digits(16)
     train, test = (ds.tensors for ds in (splits.train, splits.test))
     return train[0].numpy(), train[1].numpy(), test[0].numpy(), test[1].numpy()
 

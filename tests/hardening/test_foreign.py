@@ -31,7 +31,7 @@ timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
 
 from lc_onnx.torch import export_onnx, make_collapsible  # noqa: E402
-from tests.torch.models import randomise  # noqa: E402
+from tests.torch.nets import randomise  # noqa: E402
 
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 IMG = 32

@@ -83,7 +83,7 @@ def test_no_command_unpickles_anything(tmp_path):
 
 def test_torch_checkpoint_with_code_is_refused(tmp_path):
     torch = pytest.importorskip("torch")
-    from lc_onnx.torch.checkpoint import load_checkpoint
+    from lc_onnx.torch.blocks.checkpoint import load_checkpoint
 
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
