@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 from lc_onnx.calibration.data import Feed
-from lc_onnx.graph.constants import Constants
+from lc_onnx.graph.constant_eval import Constants
 from lc_onnx.graph.sites import Site
 from lc_onnx.graph.steps import Step, StepKind
 from lc_onnx.model import io, runtime
