@@ -1,13 +1,16 @@
 """The layers of lc_onnx call downward only, and no modules import each other in a cycle.
 
 Every import of every module is read with `ast`, imports inside functions included (lazy imports are
-still dependencies). The layers, bottom to top (README, "Architecture"):
+still dependencies). The layers, bottom to top (docs/architecture.md):
 
 1. `errors` and `model/`: reading and writing models, sessions, shape inference, counting;
 2. `graph/`, the pass (and `testing`, the test helpers over it);
 3. calibration, bench, deploy: each uses 1-2, never another's modules;
 4. the facade (`lc_onnx`, `lc_onnx.api`) and `lc_onnx.torch`;
 5. commands and cli: the only place that knows flag names.
+
+The tree shows the shape too: at most six modules at the package's top level, no function over 100 lines
+nor class over 250, and test modules that import only helpers, never one another, nor edit `sys.path`.
 
 Inside `lc_onnx.torch`, bottom to top: `blocks` (finding and collapsing blocks), `data`, `models`,
 `finetune`; the package itself imports only from `blocks`, and the fine-tuning objectives never reach
@@ -191,3 +194,52 @@ def test_the_torch_package_imports_only_from_blocks():
 def test_objectives_never_import_one_another(module):
     assert sorted(GRAPH[module] & OBJECTIVES) == [], "directly"
     assert sorted(reached(module) & OBJECTIVES) == [], "through another module"
+
+
+TESTS = PACKAGE.parent / "tests"
+TEST_MODULES = sorted(TESTS.rglob("test_*.py"))
+MAX_FUNCTION_LINES = 100  # nested functions included
+MAX_CLASS_LINES = 250
+
+
+def test_the_package_top_level_keeps_at_most_six_files():
+    assert len([p.name for p in PACKAGE.glob("*.py")]) <= 6, sorted(p.name for p in PACKAGE.glob("*.py"))
+
+
+@pytest.mark.parametrize("path", TEST_MODULES, ids=lambda p: str(p.relative_to(TESTS)))
+def test_test_modules_never_import_one_another_nor_touch_sys_path(path):
+    tree = ast.parse(path.read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            imported |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+    assert (
+        sorted(m for m in imported if m.startswith("tests.") and m.rpartition(".")[2].startswith("test_"))
+        == []
+    )
+    touches_path = [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and node.attr == "path"
+        and getattr(node.value, "id", None) == "sys"
+    ]
+    assert touches_path == []
+
+
+def _units(tree: ast.AST):
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            yield node, node.end_lineno - node.lineno + 1
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_no_long_functions_or_classes(module):
+    long = [
+        f"{node.name} ({lines} lines)"
+        for node, lines in _units(ast.parse(MODULES[module].read_text()))
+        if lines > (MAX_CLASS_LINES if isinstance(node, ast.ClassDef) else MAX_FUNCTION_LINES)
+    ]
+    assert long == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from pathlib import Path
@@ -13,6 +14,14 @@ def shell_blocks(text: str) -> list[str]:
     return [m.group(1) for m in BLOCK.finditer(text)]
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("path", type=Path, help="the Markdown file")
+    parser.add_argument("index", type=int, help="which shell block, counting from 0")
+    args = parser.parse_args(argv)
+    sys.stdout.write(shell_blocks(args.path.read_text())[args.index])
+    return 0
+
+
 if __name__ == "__main__":
-    path, index = sys.argv[1], int(sys.argv[2])
-    sys.stdout.write(shell_blocks(Path(path).read_text())[index])
+    sys.exit(main())
