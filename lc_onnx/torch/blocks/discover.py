@@ -62,7 +62,7 @@ ACTIVATION_FUNCTIONS = frozenset(
 
 
 @dataclass(frozen=True)
-class Step:
+class PathStep:
     """One call on a path; `slot` is the output that flows on; for a product, what its other factor is
     (`gate`: a second linear map, described in `other`; `self`: the path's own tensor)."""
 
@@ -79,7 +79,7 @@ class Step:
 @dataclass(frozen=True)
 class Path:
     fc1: Node
-    steps: tuple[Step, ...]
+    steps: tuple[PathStep, ...]
     fc2: Node
 
 
@@ -135,7 +135,7 @@ class _Walker:
         yield from self._walk(start, first, (), frozenset({first}))
 
     def _walk(
-        self, start: Node, source: Source, steps: tuple[Step, ...], on_path: frozenset[Source]
+        self, start: Node, source: Source, steps: tuple[PathStep, ...], on_path: frozenset[Source]
     ) -> Iterator[Path]:
         for index in self.flow.consumers(source):
             node = self.flow.nodes[index]
@@ -145,15 +145,15 @@ class _Walker:
                 continue
             if len(steps) >= MAX_STEPS:
                 continue
-            nexts: list[Step] = []
+            nexts: list[PathStep] = []
             if len(node.inputs) == 1:
                 nexts = [
-                    Step(node, slot) for slot in range(len(node.out_shapes)) if self.passable(node, slot)
+                    PathStep(node, slot) for slot in range(len(node.out_shapes)) if self.passable(node, slot)
                 ]
             elif node.kind == FUNCTION and node.name in PRODUCTS and len(node.inputs) == 2:
                 other = node.inputs[1] if node.inputs[0] == source else node.inputs[0]
                 traced = self._trace_factor(other, on_path)
-                nexts = [Step(node, 0, *traced)] if traced is not None else []
+                nexts = [PathStep(node, 0, *traced)] if traced is not None else []
             for step in nexts:
                 yield from self._walk(start, step.source, (*steps, step), on_path | {step.source})
 

@@ -50,7 +50,7 @@ from lc_onnx.torch.data import datasets, text
 from lc_onnx.torch.finetune import adaptive, endstep, fidelity
 from lc_onnx.torch.finetune.config import TEXT, FinetuneConfig
 from lc_onnx.torch.finetune.evaluate import count_params
-from lc_onnx.torch.finetune.loop import Dist, Step, Trainer, slope_metrics
+from lc_onnx.torch.finetune.loop import Dist, Trainer, TrainStep, slope_metrics
 from lc_onnx.torch.finetune.schedule import Collapser
 from lc_onnx.torch.models import builders, hf
 
@@ -205,8 +205,8 @@ def _image_teacher(cfg: FinetuneConfig, num_classes: int, size: int) -> nn.Modul
     )
 
 
-def distill_step(teacher: nn.Module, outputs: Outputs, loss: Callable, lam: float) -> Step:
-    """The `Step` of distillation: the teacher's outputs (no gradients) against the student's, plus
+def distill_step(teacher: nn.Module, outputs: Outputs, loss: Callable, lam: float) -> TrainStep:
+    """The `TrainStep` of distillation: the teacher's outputs (no gradients) against the student's, plus
     `lam` times the collapse penalty."""
 
     def step(model: nn.Module, raw: nn.Module, batch: Mapping[str, torch.Tensor], device: torch.device):
@@ -363,7 +363,7 @@ def run(cfg: FinetuneConfig, ctx: Dist) -> dict[str, Any]:
 
 
 def _trainer(
-    cfg: FinetuneConfig, ctx: Dist, model: nn.Module, step: Step, splits: PostTrainingData
+    cfg: FinetuneConfig, ctx: Dist, model: nn.Module, step: TrainStep, splits: PostTrainingData
 ) -> Trainer:
     return Trainer(
         model,
@@ -384,7 +384,7 @@ def _train(
     cfg: FinetuneConfig,
     ctx: Dist,
     student: nn.Module,
-    step: Step,
+    step: TrainStep,
     splits: PostTrainingData,
     measure: Fidelity,
     out_metrics: MetricsWriter | None,
@@ -411,7 +411,7 @@ def _adaptive(
     cfg: FinetuneConfig,
     ctx: Dist,
     student: nn.Module,
-    step: Step,
+    step: TrainStep,
     splits: PostTrainingData,
     measure: Fidelity,
     out_metrics: MetricsWriter | None,

@@ -34,7 +34,7 @@ from lc_onnx.torch.finetune import adaptive, endstep
 from lc_onnx.torch.finetune.config import FinetuneConfig
 from lc_onnx.torch.finetune.evaluate import accuracy, count_params, onnx_predict, torch_predict
 from lc_onnx.torch.finetune.loop import Dist, LossFn, Trainer, labelled, slope_metrics
-from lc_onnx.torch.finetune.schedule import Collapsed, Collapser
+from lc_onnx.torch.finetune.schedule import Collapser, CollapseResult
 from lc_onnx.torch.models import builders
 
 logger = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ def _epoch_metrics(model: nn.Module, test: Dataset, ctx: Dist) -> dict[str, Any]
     return {**slope_metrics(model), "test_acc": _test_accuracy(model, test, ctx)}
 
 
-def _collapse_row(done: Collapsed, model: nn.Module, test: Dataset, ctx: Dist) -> dict[str, Any]:
+def _collapse_row(done: CollapseResult, model: nn.Module, test: Dataset, ctx: Dist) -> dict[str, Any]:
     """The metrics row's record of a collapse: the blocks, the stage it started, the accuracy after it."""
     row: dict[str, Any] = {"collapsed": done.blocks}
     if done.stage is not None:

@@ -26,7 +26,7 @@ from lc_onnx.torch.blocks import collapsible
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """`loss_fn(model, x, y, logits)` -> scalar; `model` is the unwrapped module (not the DDP wrapper)."""
 
-Step = Callable[[nn.Module, nn.Module, Any, torch.device], tuple[torch.Tensor, dict[str, float]]]
+TrainStep = Callable[[nn.Module, nn.Module, Any, torch.device], tuple[torch.Tensor, dict[str, float]]]
 """`step(model, raw, batch, device)` -> (loss, sums): the forward of one batch through `model` (perhaps
 the DDP wrapper of `raw`) and its loss; `sums` are this batch's totals to add up over the epoch: `seen`
 (examples) always, `correct` (top-1 hits) where there are labels."""
@@ -140,8 +140,8 @@ def cosine(epoch: int, epochs: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * epoch / max(epochs, 1)))
 
 
-def labelled(loss_fn: LossFn) -> Step:
-    """The `Step` of `(input, label)` batches: logits of the input, `loss_fn`, top-1 hits."""
+def labelled(loss_fn: LossFn) -> TrainStep:
+    """The `TrainStep` of `(input, label)` batches: logits of the input, `loss_fn`, top-1 hits."""
 
     def step(model: nn.Module, raw: nn.Module, batch: Any, device: torch.device):
         x, y = (t.to(device) for t in batch)
@@ -156,7 +156,7 @@ def train_epoch(
     raw: nn.Module,
     loader: DataLoader,
     opt: torch.optim.Optimizer,
-    step: Step,
+    step: TrainStep,
     device: torch.device,
     *,
     desc: str = "",
@@ -215,7 +215,7 @@ class Trainer:
         model: nn.Module,
         ctx: Dist,
         dataset: Dataset,
-        step: Step,
+        step: TrainStep,
         *,
         lr: float,
         slope_lr: float,

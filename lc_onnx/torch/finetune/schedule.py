@@ -43,7 +43,7 @@ class Schedule:
 
 
 @dataclass(frozen=True)
-class Collapsed:
+class CollapseResult:
     """What one `Collapser.collapse` did."""
 
     blocks: list[str]  # activation names of the blocks collapsed
@@ -85,7 +85,7 @@ class Collapser:
         )
         return made
 
-    def collapse(self) -> Collapsed | None:
+    def collapse(self) -> CollapseResult | None:
         """Collapse the targeted blocks that are linear within the threshold, and start the next stage when
         the current one is complete; None when no block collapsed."""
         targets = set(self.schedule.targets())
@@ -100,7 +100,7 @@ class Collapser:
         new = self.schedule.advance(set(self.collapsed))
         if new:
             self._convert(new)
-        return Collapsed(done, self.schedule.stage if new else None)
+        return CollapseResult(done, self.schedule.stage if new else None)
 
     def _convert(self, names: Sequence[str]) -> list[str]:
         wanted = set(names)
