@@ -48,6 +48,16 @@ class FinetuneConfig:
     snap: bool = True
     max_drop: float | None = None
 
+    def optimizer_settings(self) -> dict[str, Any]:
+        """The `Trainer` keywords this config sets, whatever the objective (resolved: none is None)."""
+        return {
+            "lr": self.lr,
+            "slope_lr": self.slope_lr,
+            "weight_decay": self.weight_decay,
+            "seed": self.seed,
+            "progress": self.progress,
+        }
+
 
 OBJECTIVES = ("labels", "distill")
 # Per objective, the settings left None. Training from scratch (labels) wants AdamW at 1e-3. A pretrained

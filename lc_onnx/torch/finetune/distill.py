@@ -351,95 +351,89 @@ def run(cfg: FinetuneConfig, ctx: Dist) -> dict[str, Any]:
     measure = Fidelity(teacher, outputs, held)
     out_metrics = endstep.EpochFiles(cfg.out).epoch if ctx.main else None
     step = distill_step(teacher, outputs, loss, cfg.lam)
-    params_start = count_params(student)
+    job = _Job(cfg, ctx, step, splits, measure, out_metrics, count_params(student))
     if cfg.max_drop is None:
-        result = _train(cfg, ctx, student, step, splits, measure, out_metrics, params_start)
+        result = _train(job, student)
     else:
-        result, student = _adaptive(cfg, ctx, student, step, splits, measure, out_metrics, params_start)
+        result, student = _adaptive(job, student)
     if not ctx.main:
         return {}
     result_seconds = time.perf_counter() - started
     return _finish(cfg, student, outputs, held, measure, ctx, result, loss_name, result_seconds)
 
 
-def _trainer(
-    cfg: FinetuneConfig, ctx: Dist, model: nn.Module, step: TrainStep, splits: PostTrainingData
-) -> Trainer:
-    return Trainer(
-        model,
-        ctx,
-        splits.train,
-        step,
-        lr=cfg.lr,
-        slope_lr=cfg.slope_lr,
-        weight_decay=cfg.weight_decay,
-        batch_size=splits.batch_size,
-        seed=cfg.seed,
-        collate_fn=splits.collate,
-        progress=cfg.progress,
-    )
+@dataclass(frozen=True)
+class _Job:
+    """What training the student needs besides the student itself."""
+
+    cfg: FinetuneConfig
+    ctx: Dist
+    step: TrainStep
+    splits: PostTrainingData
+    measure: Fidelity
+    out_metrics: MetricsWriter | None
+    params_start: int
+
+    def trainer(self, model: nn.Module) -> Trainer:
+        return Trainer(
+            model,
+            self.ctx,
+            self.splits.train,
+            self.step,
+            batch_size=self.splits.batch_size,
+            collate_fn=self.splits.collate,
+            **self.cfg.optimizer_settings(),
+        )
+
+    def epoch_row(self, model: nn.Module) -> dict[str, Any]:
+        return _epoch_row(model, self.measure, self.ctx)
 
 
-def _train(
-    cfg: FinetuneConfig,
-    ctx: Dist,
-    student: nn.Module,
-    step: TrainStep,
-    splits: PostTrainingData,
-    measure: Fidelity,
-    out_metrics: MetricsWriter | None,
-    params_start: int,
-) -> _Run:
+def _train(job: _Job, student: nn.Module) -> _Run:
+    cfg = job.cfg
     collapser = Collapser(student, cfg.fractions, threshold=cfg.threshold, init=cfg.init)
     collapser.start()
-    start = measure.torch(student, ctx.device)
-    trainer = _trainer(cfg, ctx, student, step, splits)
+    start = job.measure.torch(student, job.ctx.device)
+    trainer = job.trainer(student)
     for epoch in range(1, cfg.epochs + 1):
         row = {"epoch": epoch, **trainer.train(epoch - 1, cfg.epochs)}
         done = collapser.collapse() if epoch < cfg.epochs else None
         if done is not None:
             trainer.rebuild()
             row["collapsed"] = done.blocks
-        row.update(_epoch_row(student, measure, ctx))
-        if out_metrics is not None:
-            out_metrics(row, student, collapser.steps)
+        row.update(job.epoch_row(student))
+        if job.out_metrics is not None:
+            job.out_metrics(row, student, collapser.steps)
     # the blocks of every stage reached (later stages extend the earlier ones)
-    return _Run(start, params_start, collapser.steps, collapser.collapsed, collapser.schedule.targets())
+    targets = collapser.schedule.targets()
+    return _Run(start, job.params_start, collapser.steps, collapser.collapsed, targets)
 
 
-def _adaptive(
-    cfg: FinetuneConfig,
-    ctx: Dist,
-    student: nn.Module,
-    step: TrainStep,
-    splits: PostTrainingData,
-    measure: Fidelity,
-    out_metrics: MetricsWriter | None,
-    params_start: int,
-) -> tuple[_Run, nn.Module]:
+def _adaptive(job: _Job, student: nn.Module) -> tuple[_Run, nn.Module]:
     """One more block per stage from the output end; keep the deepest model within `max_drop`."""
-    start = measure.torch(student, ctx.device)
+    cfg, measure, device = job.cfg, job.measure, job.ctx.device
+    start = measure.torch(student, device)
 
     def train_stage(model: nn.Module, k: int) -> None:
-        trainer = _trainer(cfg, ctx, model, step, splits)
+        trainer = job.trainer(model)
         for epoch in range(1, cfg.epochs + 1):
             row = {"stage": k, "epoch": epoch, **trainer.train(epoch - 1, cfg.epochs)}
-            row.update(_epoch_row(model, measure, ctx))
-            if out_metrics is not None:
-                out_metrics(row, model, [])
+            row.update(job.epoch_row(model))
+            if job.out_metrics is not None:
+                job.out_metrics(row, model, [])
 
     student, depth = adaptive.deepest(
         student,
         max(cfg.fractions),
         train_stage=train_stage,
-        measure=lambda model: measure.torch(model, ctx.device)[measure.metric],
+        measure=lambda model: measure.torch(model, device)[measure.metric],
         reference=1.0,
         max_drop=cfg.max_drop,
         threshold=cfg.threshold,
         init=cfg.init,
         metric=measure.metric,
     )
-    return _Run(start, params_start, depth.steps, depth.collapsed, depth.collapsed, depth), student
+    return _Run(start, job.params_start, depth.steps, depth.collapsed, depth.collapsed, depth), student
 
 
 def _epoch_row(model: nn.Module, measure: Fidelity, ctx: Dist) -> dict[str, Any]:

@@ -109,12 +109,8 @@ def _trainer(cfg: FinetuneConfig, model: nn.Module, splits: datasets.Splits, ctx
         ctx,
         splits.train,
         labelled(_penalised_loss(cfg.lam)),
-        lr=cfg.lr,
-        slope_lr=cfg.slope_lr,
-        weight_decay=cfg.weight_decay,
         batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        progress=cfg.progress,
+        **cfg.optimizer_settings(),
     )
 
 
