@@ -10,28 +10,20 @@ from torch import nn
 IMG = 16
 
 
-def vit(depth: int = 4) -> nn.Module:
+def tiny(name: str = "vit_tiny_patch16_224", depth: int = 4, **kwargs) -> nn.Module:
+    """A timm ViT-family model shrunk to 16x16 images, 4x4 patches, width 32 and 2 heads."""
+    options = {"num_classes": 10, **kwargs}
     return timm.create_model(
-        "vit_tiny_patch16_224",
-        img_size=IMG,
-        patch_size=4,
-        depth=depth,
-        embed_dim=32,
-        num_heads=2,
-        num_classes=10,
+        name, img_size=IMG, patch_size=4, depth=depth, embed_dim=32, num_heads=2, **options
     )
+
+
+def vit(depth: int = 4) -> nn.Module:
+    return tiny("vit_tiny_patch16_224", depth)
 
 
 def deit(depth: int = 4) -> nn.Module:
-    return timm.create_model(
-        "deit_tiny_patch16_224",
-        img_size=IMG,
-        patch_size=4,
-        depth=depth,
-        embed_dim=32,
-        num_heads=2,
-        num_classes=10,
-    )
+    return tiny("deit_tiny_patch16_224", depth)
 
 
 def mixer(blocks: int = 3) -> nn.Module:

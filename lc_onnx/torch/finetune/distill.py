@@ -463,11 +463,9 @@ def _finish(
     names = export_input_names(example)
     feeds = [_numpy_feed(b, names) for b in held[:2]]
     fused = endstep.export_collapse_fuse(
+        cfg,
         model,
         example,
-        cfg.out,
-        threshold=cfg.threshold,
-        max_error=cfg.max_error,
         feeds=feeds,
         input_shapes={k: (1, *v.shape[1:]) for k, v in feeds[0].items()},
         only=set(run_.targets),

@@ -64,39 +64,38 @@ class Fused:
 
 
 def export_collapse_fuse(
+    cfg: FinetuneConfig,
     model: nn.Module,
     example: Any,
-    out: Path,
     *,
-    threshold: float,
-    max_error: float,
     feeds: Sequence[Mapping[str, np.ndarray]],
     input_shapes: Mapping[str, Sequence[int]],
     only: Collection[str] | None = None,
     dynamic_sequence: bool = False,
 ) -> Fused:
-    """Export `model` (eval mode) to `out/model.onnx`, collapse its linear blocks in torch (`only` these
-    activation names, when given), and fuse the export into `out/model.collapsed.onnx`, verified on
-    `feeds` within `max_error` (entries for inputs the export does not have are left out);
+    """Export `model` (eval mode) to `cfg.out/model.onnx`, collapse its linear blocks in torch (`only`
+    these activation names, when given; slopes within `cfg.threshold`), and fuse the export into
+    `cfg.out/model.collapsed.onnx`, verified on `feeds` within `cfg.max_error` (entries for inputs the
+    export does not have are left out);
     `input_shapes` are those of the report's MACs (one example)."""
     import lc_onnx
 
     model.eval()
     blocks_before = len(collapsible.find_blocks(model))
     onnx_path = export_onnx(
-        model, example, out / "model.onnx", dynamo=True, dynamic_sequence=dynamic_sequence
+        model, example, cfg.out / "model.onnx", dynamo=True, dynamic_sequence=dynamic_sequence
     )
     prelu_before = [b.name for b in collapsible.prelu_blocks(model)]
-    steps = collapsible.collapse_steps(model, threshold, only=only)
+    steps = collapsible.collapse_steps(model, cfg.threshold, only=only)
     remaining = {b.name for b in collapsible.find_blocks(model)}
-    fused_path = out / "model.collapsed.onnx"
+    fused_path = cfg.out / "model.collapsed.onnx"
     # The exporter drops inputs the forward does not read (a `token_type_ids` of zeros, say).
     kept = {i.name for i in io.load(onnx_path).proto.graph.input}
     result = lc_onnx.fuse(
         onnx_path,
         output=fused_path,
-        threshold=threshold,
-        max_error=max_error,
+        threshold=cfg.threshold,
+        max_error=cfg.max_error,
         input_shapes={k: v for k, v in input_shapes.items() if k in kept},
         feeds=[{k: v for k, v in feed.items() if k in kept} for feed in feeds],
     )

@@ -230,11 +230,9 @@ def _finish(
     example = _examples(splits).to(ctx.device)
     n = min(VERIFY_IMAGES, len(splits.test))
     fused = endstep.export_collapse_fuse(
+        cfg,
         model,
         example,
-        cfg.out,
-        threshold=cfg.threshold,
-        max_error=cfg.max_error,
         feeds=[{"input": torch.stack([splits.test[i][0] for i in range(n)]).numpy()}],
         input_shapes={"input": (1, *example.shape[1:])},
     )

@@ -115,15 +115,7 @@ def test_timm_conv_mlp_is_a_block_and_collapses_into_a_1x1_conv():
 
 
 def _vit_with(mlp_layer):
-    return timm.create_model(
-        "vit_tiny_patch16_224",
-        img_size=16,
-        patch_size=4,
-        depth=2,
-        embed_dim=32,
-        num_heads=2,
-        mlp_layer=mlp_layer,
-    )
+    return nets.tiny(depth=2, mlp_layer=mlp_layer, num_classes=1000)
 
 
 def test_fraction_out_of_range_is_refused():

@@ -94,15 +94,7 @@ def bert_functional():
 
 
 def vit_swiglu():
-    return timm.create_model(
-        "vit_tiny_patch16_224",
-        img_size=16,
-        patch_size=4,
-        depth=1,
-        embed_dim=32,
-        num_heads=2,
-        mlp_layer=SwiGLU,
-    )
+    return nets.tiny(depth=1, mlp_layer=SwiGLU, num_classes=1000)
 
 
 T5 = "encoder.block.0.layer.1.DenseReluDense"
