@@ -13,22 +13,24 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from lc_onnx.errors import UserError, VerificationError
-from lc_onnx.graph import rewrite
+from lc_onnx.graph import report as report_mod
+from lc_onnx.graph import rewrite, verify
 from lc_onnx.graph.constant_eval import Constants
 from lc_onnx.graph.decide import CollapsePlan, Skip, decide
 from lc_onnx.graph.options import FuseOptions
 from lc_onnx.graph.reasons import Kind
-from lc_onnx.graph.report import Report, SiteReport, Verification
+from lc_onnx.graph.report import ROUNDING, Report, SiteReport, Verification
 from lc_onnx.graph.sites import SiteFinder
-from lc_onnx.graph.verify import compare
-from lc_onnx.model import files, io, macs, runtime, shapes
+from lc_onnx.model import exercise, files, io, macs, runtime, shapes
 from lc_onnx.model.protos import dims_of
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,13 @@ log = logging.getLogger(__name__)
 MAX_ROUNDS = 16
 # Relative L2 error an exact collapse stays within (float rounding), by the outputs' element type.
 EXACT_TOLERANCE = {onnx.TensorProto.FLOAT: 1e-5, onnx.TensorProto.DOUBLE: 1e-12}
+# Relative L2 error an exact site's own output must stay within, by its element type (else the fuse fails).
+SITE_TOLERANCE = {
+    onnx.TensorProto.FLOAT: 1e-5,
+    onnx.TensorProto.DOUBLE: 1e-10,
+    onnx.TensorProto.FLOAT16: 1e-2,
+    onnx.TensorProto.BFLOAT16: 1e-2,
+}
 
 
 class FuseResult:
@@ -63,10 +72,12 @@ class FuseResult:
 
 @dataclass
 class Rewritten:
-    """Outcome of the graph rounds: the new proto (None if unchanged) and one report entry per site."""
+    """Outcome of the graph rounds: the new proto (None if unchanged), one report entry per site, and
+    the collapsed sites' outputs that are still tensors of the new graph (to compare with the original)."""
 
     proto: onnx.ModelProto | None
     sites: list[SiteReport]
+    probes: list[verify.Probe] = field(default_factory=list)
 
 
 def fuse(model: str | os.PathLike | onnx.ModelProto, options: FuseOptions | None = None) -> FuseResult:
@@ -79,7 +90,8 @@ def fuse(model: str | os.PathLike | onnx.ModelProto, options: FuseOptions | None
 
     Raises:
         UserError: the model cannot be read or written, or the options do not fit it.
-        VerificationError: the fused model deviates more than `options.max_error` (nothing is written).
+        VerificationError: the fused model deviates more than `options.max_error`, or an exact site's own
+            output is off by more than float rounding (nothing is written).
     """
     start = time.perf_counter()
     options = options or FuseOptions()
@@ -87,7 +99,10 @@ def fuse(model: str | os.PathLike | onnx.ModelProto, options: FuseOptions | None
     work = _collapse_and_count(io.as_loaded(model), options)
     with contextlib.ExitStack() as stack:
         staged = _stage(work, options, stack)
-        _verify(work, staged, options)
+        if work.changed and options.verify:
+            _verify(work, staged, options)
+        elif work.changed:
+            work.report.verification = Verification(note="verification disabled")
         work.report.seconds = time.perf_counter() - start
         _gate(work, options)
         if work.out_path is not None:
@@ -98,51 +113,66 @@ def fuse(model: str | os.PathLike | onnx.ModelProto, options: FuseOptions | None
 
 @dataclass
 class _Work:
-    """A fuse in progress: this call's own record, which it releases the weights of once staged."""
+    """A fuse in progress: this call's own record, which lets go of the fused weights once staged."""
 
-    original: io.LoadedModel | None
+    original: io.LoadedModel
     fused: io.LoadedModel | None
+    rewritten: Rewritten
     report: Report
-    feeds: list[dict] | None
     out_path: Path | None
-    changed: bool
-    original_skeleton: onnx.ModelProto  # the original without its weights: output types, rounding check
-    original_source: str | bytes  # what onnxruntime loads the original from
+    skeletons: tuple[onnx.ModelProto, onnx.ModelProto]  # both models without weights, for counting
+    feeds: list[dict] | None  # the caller's verification feeds; None: random ones, chosen here
 
-    def release_weights(self) -> None:
-        """The fused model is on disk now: let go of both in-memory copies before onnxruntime loads them."""
-        self.original = self.fused = None
+    @property
+    def exercised(self) -> bool:
+        """Shapes and feeds are chosen here: they may fall back to the small dims."""
+        return self.feeds is None
+
+    @property
+    def changed(self) -> bool:
+        return self.rewritten.proto is not None
 
 
 def _collapse_and_count(loaded: io.LoadedModel, options: FuseOptions) -> _Work:
-    """Check the output path, collapse, choose the verification feeds and count both models."""
+    """Check the output path, collapse, and count both models at the shapes they are verified at."""
     out_path = Path(options.output) if options.output is not None else None
     if out_path is not None and loaded.path is not None and _same_file(out_path, loaded.path):
         raise UserError(f"{out_path}: output would overwrite the input model; choose another path")
     rewritten = collapse_graph(loaded, options)
-    changed = rewritten.proto is not None
     fused = (
         io.LoadedModel(rewritten.proto, loaded.base_dir, source_external=loaded.source_external)
-        if changed
+        if rewritten.proto is not None
         else loaded
     )
-    shapes = runtime.input_shapes(loaded.proto, options.input_shapes)
+    skeletons = (io.skeleton(loaded.proto), io.skeleton(fused.proto))  # counting needs dims only
+    report = Report(
+        sites=rewritten.sites,
+        params_before=macs.count_params(skeletons[0]),
+        params_after=macs.count_params(skeletons[1]),
+        macs_before=0,
+        macs_after=0,
+        verification=Verification(note="model unchanged: nothing collapsed"),
+    )
     feeds = [dict(f) for f in options.feeds] if options.feeds is not None else None
     if feeds is not None and not feeds:
         raise UserError("no verification feeds given (the data is empty)")
-    if options.verify and changed and feeds is None:
-        feeds = [runtime.random_feeds(loaded.proto, shapes, seed=0)]
-    # Counting needs dims only: work on data-free skeletons.
-    before, after = io.skeleton(loaded.proto), io.skeleton(fused.proto)
-    report = Report(
-        sites=rewritten.sites,
-        params_before=macs.count_params(before),
-        params_after=macs.count_params(after),
-        macs_before=macs.count_macs(before, shapes),
-        macs_after=macs.count_macs(after, shapes),
-        verification=Verification(note="model unchanged: nothing collapsed"),
+    work = _Work(loaded, fused, rewritten, report, out_path, skeletons, feeds)
+    inputs = {v.name for v in loaded.proto.graph.input}
+    given = {k: np.shape(v) for k, v in feeds[0].items() if k in inputs} if feeds else {}
+    _count_macs(
+        work, runtime.input_shapes(loaded.proto, {**given, **(options.input_shapes or {})}, exercise=True)
     )
-    return _Work(loaded, fused, report, feeds, out_path, changed, before, _session_source(loaded))
+    return work
+
+
+def _count_macs(work: _Work, shapes: Mapping[str, Sequence[int]]) -> None:
+    before, after = (macs.count(skeleton, shapes) for skeleton in work.skeletons)
+    report = work.report
+    report.macs_before, report.macs_after = before.total, after.total
+    report.macs_not_counted_before, report.macs_not_counted_after = (
+        list(before.not_counted),
+        list(after.not_counted),
+    )
 
 
 def _stage(work: _Work, options: FuseOptions, stack: contextlib.ExitStack) -> Path | None:
@@ -157,27 +187,75 @@ def _stage(work: _Work, options: FuseOptions, stack: contextlib.ExitStack) -> Pa
     staging = Path(stack.enter_context(files.staging_dir(parent)))
     staged = staging / (work.out_path.name if work.out_path is not None else "model.onnx")
     io.save(fused, staged)
-    work.release_weights()
+    work.fused = None  # the weights live in the staged files now: let go of the in-memory copy
     return staged
 
 
 def _verify(work: _Work, staged: Path | None, options: FuseOptions) -> None:
-    """Run the original and the fused model on the same feeds; the comparison goes into the report."""
-    if work.changed and options.verify:
-        fused_source = str(staged) if staged is not None else work.fused.proto.SerializeToString()
-        work.report.verification = compare(work.original_source, fused_source, work.feeds)
-    elif work.changed:
-        work.report.verification = Verification(note="verification disabled")
+    """Run the original and the fused model on the same feeds and record what they show: the outputs'
+    errors, every collapsed site's own error, and whether the check could tell anything apart."""
+    original = verify.Side(*_session_source(work.original))
+    fused = (
+        verify.Side(str(staged))
+        if staged is not None
+        else verify.Side(work.fused.proto, work.original.base_dir)
+    )
+    shapes = runtime.input_shapes(work.original.proto, options.input_shapes, exercise=True)
+    try:
+        comparison = verify.compare(original, fused, _feeds(work, shapes), work.rewritten.probes)
+    except VerificationError:
+        raise
+    except UserError as exc:  # the original cannot run at these shapes
+        if not work.exercised:
+            raise
+        _warn(work.report, f"the original model does not run at {report_mod.shapes_text(_first(shapes))} "
+              f"({exc}); verified at the small shapes instead")  # fmt: skip
+        shapes = runtime.input_shapes(work.original.proto, options.input_shapes)
+        _count_macs(work, shapes)
+        comparison = verify.compare(original, fused, _feeds(work, shapes), work.rewritten.probes)
+    work.report.verification = comparison.verification
+    for probe in work.rewritten.probes:
+        site = work.report.sites[probe.site].extra
+        error = comparison.probes[probe.tensor]
+        if "site_error" not in site or error.rel_l2 > site["site_error"]["rel_l2"]:
+            site["site_error"] = {"rel_l2": error.rel_l2, "max_abs": error.max_abs, "tensor": probe.tensor}
+    if comparison.input_independent:
+        _warn(work.report, "the original model's outputs do not depend on its inputs here (equal on every "
+              "feed, or constant): the verification proves little")  # fmt: skip
+
+
+def _feeds(work: _Work, shapes: Mapping[str, Sequence[int]]) -> list[dict]:
+    """The caller's feeds, or two random ones at `shapes` (integer ids drawn from the rows they index)."""
+    if work.feeds is not None:
+        return work.feeds
+    rows = exercise.index_rows(work.original.proto)
+    return [runtime.random_feeds(work.original.proto, shapes, seed=s, index_rows=rows) for s in range(2)]
 
 
 def _gate(work: _Work, options: FuseOptions) -> None:
-    """Refuse a fused model beyond the error budget; warn when an exact one is beyond float rounding."""
+    """Refuse a fused model beyond the error budget, or with an exact site off by more than rounding;
+    say when an output passed on rounding alone, or an exact model is further off than rounding."""
     verification = work.report.verification
     breach = verification.breach(options.max_error, options.max_abs_error)
     if breach is not None:
         raise VerificationError(f"fused model differs from the original: {breach}; nothing written")
+    for probe in work.rewritten.probes:
+        site = work.report.sites[probe.site]
+        error = site.extra["site_error"]["rel_l2"] if "site_error" in site.extra else 0.0
+        limit = SITE_TOLERANCE.get(probe.elem_type, 1e-5)
+        if site.reason_kind == Kind.EXACT and error > limit:
+            raise VerificationError(
+                f"exact collapse {site.nodes[0]} -> {site.nodes[-1]} differs from the original at its own "
+                f"output {probe.tensor!r}: relative L2 error {error:.3g} > {limit:g} (float rounding); "
+                "nothing written"
+            )
+    for name in verification.passed_by_rounding(options.max_error):
+        error = verification.outputs[name]
+        _warn(work.report, f"output {name!r} passed on float rounding alone: relative L2 error "
+              f"{error.rel_l2:.3g} > max_error {options.max_error:g}, but max_abs {error.max_abs:.3g} is within "
+              f"{ROUNDING:g} of its scale {error.max_ref:.3g}")  # fmt: skip
     if work.changed and all(s.reason_kind == Kind.EXACT for s in work.report.collapsed):
-        _check_rounding(verification, work.original_skeleton)
+        _check_rounding(verification, work.skeletons[0])
 
 
 def _check_rounding(verification: Verification, model: onnx.ModelProto) -> None:
@@ -189,6 +267,15 @@ def _check_rounding(verification: Verification, model: onnx.ModelProto) -> None:
             log.warning(
                 "exact collapse but relative L2 error %.3g (> %g) on %r", error.rel_l2, tolerance, name
             )
+
+
+def _warn(report: Report, message: str) -> None:
+    log.warning("%s", message)
+    report.warnings.append(message)
+
+
+def _first(shapes: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+    return {k: list(v) for k, v in shapes.items()}
 
 
 def site_finder(loaded: io.LoadedModel) -> SiteFinder:
@@ -213,6 +300,7 @@ def collapse_graph(loaded: io.LoadedModel, options: FuseOptions) -> Rewritten:
     graph, constants = finder.graph, finder.constants
     reports: list[SiteReport] = []
     skipped: list[SiteReport] = []
+    probes: list[verify.Probe] = []
     changed = False
     for _ in range(MAX_ROUNDS):
         decisions = decide(list(finder.sites()), constants, options)
@@ -220,6 +308,7 @@ def collapse_graph(loaded: io.LoadedModel, options: FuseOptions) -> Rewritten:
         skipped = [_skip_report(d, constants) for d in decisions if isinstance(d, Skip)]
         if not collapses:
             break
+        probes += [p for c in collapses for p in _probes(c, len(reports) + collapses.index(c), constants)]
         reports += [_collapse_report(c, constants) for c in collapses]
         rewrite.apply(graph, collapses, constants)
         changed = True
@@ -228,7 +317,16 @@ def collapse_graph(loaded: io.LoadedModel, options: FuseOptions) -> Rewritten:
     new = gs.export_onnx(graph, do_type_check=False)
     _restore_model_fields(new, proto)
     rewrite.restore_sparse(new, proto)
-    return Rewritten(new, reports + skipped)
+    written = {out for node in new.graph.node for out in node.output}
+    return Rewritten(new, reports + skipped, [p for p in probes if p.tensor in written])
+
+
+def _probes(plan: CollapsePlan, site: int, constants: Constants) -> list[verify.Probe]:
+    """The tensors the collapse's new layers write (they keep the names of the heads' outputs)."""
+    dtype = np.asarray(constants.value(plan.chain[0].weight)).dtype
+    elem = onnx.helper.np_dtype_to_tensor_dtype(dtype)
+    source = plan.chain[0].input.name
+    return [verify.Probe(site, head.layer.output.name, source, elem) for head in plan.heads]
 
 
 def _slopes(sites, constants: Constants) -> dict[str, list[float]]:
@@ -328,10 +426,11 @@ def _restore_model_fields(new: onnx.ModelProto, old: onnx.ModelProto) -> None:
     new.graph.output.extend(old.graph.output)
 
 
-def _session_source(loaded: io.LoadedModel) -> str | bytes:
+def _session_source(loaded: io.LoadedModel) -> tuple[str | onnx.ModelProto, Path | None]:
+    """How onnxruntime reads the original: from its file, or the proto with its tensors' directory."""
     if loaded.path is not None:
-        return str(loaded.path)
-    return loaded.proto.SerializeToString()
+        return str(loaded.path), None
+    return loaded.proto, loaded.base_dir
 
 
 def _publish(staging: Path, out: Path) -> None:

@@ -4,26 +4,32 @@ error measure every comparison in lc-onnx uses.
 The two sessions never live at the same time (the original runs first, its outputs are kept, its session
 is dropped), so peak memory is one model's weights plus the outputs. Errors accumulate over all feeds:
 `max_abs` is the largest absolute difference, `rel_l2` is `||fused - original|| / ||original||` over all
-elements of all feeds, in float64.
+elements of all feeds, in float64, and `max_ref` the largest |original| value.
+
+Besides the graph outputs, each collapsed site's own output (the tensor its new layer writes, which keeps
+its name) is compared (`Probe`): an exact site that is off cannot hide behind an output that saturates.
 """
 
 from __future__ import annotations
 
 import gc
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 
 from lc_onnx.errors import UserError, VerificationError
 from lc_onnx.graph.report import OutputError, Verification
-from lc_onnx.model import runtime
+from lc_onnx.model import io, runtime
 
 
 def measure(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> OutputError:
     """`max_abs` and `rel_l2` of `actual` against `expected` over every `(actual, expected)` pair, in
     float64 (`rel_l2` is 0 when both are all zeros and infinite when only `expected` is)."""
-    max_abs, diff_sq, ref_sq = 0.0, 0.0, 0.0
+    max_abs, max_ref, diff_sq, ref_sq = 0.0, 0.0, 0.0, 0.0
     for actual, expected in pairs:
         ref = np.asarray(expected, dtype=np.float64)
         got = np.asarray(actual, dtype=np.float64)
@@ -32,10 +38,11 @@ def measure(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> OutputError:
         diff = got - ref
         if diff.size:
             max_abs = max(max_abs, float(np.max(np.abs(diff))))
+            max_ref = max(max_ref, float(np.max(np.abs(ref))))
         diff_sq += float(np.vdot(diff, diff))
         ref_sq += float(np.vdot(ref, ref))
     rel = math.sqrt(diff_sq / ref_sq) if ref_sq > 0 else (0.0 if diff_sq == 0 else math.inf)
-    return OutputError(max_abs=max_abs, rel_l2=rel)
+    return OutputError(max_abs=max_abs, rel_l2=rel, max_ref=max_ref)
 
 
 def output_errors(
@@ -48,12 +55,67 @@ def output_errors(
     return Verification(outputs=outputs, feeds=len(expected))
 
 
+@dataclass(frozen=True)
+class Probe:
+    """A collapsed site, checked on its own: the tensor its new layer writes (`tensor`, which keeps its
+    name) computed from the original's value of the site's input (`source`); `site` is the site's index
+    in the report."""
+
+    site: int
+    tensor: str
+    source: str
+    elem_type: int
+
+
+@dataclass(frozen=True)
+class Side:
+    """One model as onnxruntime gets it: a path, serialized bytes, or a proto whose external tensors
+    live in `base_dir`."""
+
+    source: str | bytes | onnx.ModelProto
+    base_dir: str | os.PathLike | None = None
+
+    def copy(self) -> tuple[onnx.ModelProto, str | os.PathLike | None]:
+        """A proto of the model to change (large weights stay on disk) and where its tensors live."""
+        if isinstance(self.source, onnx.ModelProto):
+            proto = onnx.ModelProto()
+            proto.CopyFrom(self.source)
+            return proto, self.base_dir
+        if isinstance(self.source, bytes):
+            proto = onnx.ModelProto()
+            proto.ParseFromString(self.source)
+            return proto, None
+        loaded = io.load(self.source)
+        return loaded.proto, loaded.base_dir
+
+    def with_outputs(self, names: Sequence[str], elem_type: Mapping[str, int]) -> tuple[Side, list[str]]:
+        """This model with `names` as extra graph outputs, and those it did not have yet."""
+        if not names:
+            return self, []
+        proto, base = self.copy()
+        declared = {o.name for o in proto.graph.output}
+        added = [n for n in dict.fromkeys(names) if n not in declared]
+        proto.graph.output.extend(onnx.helper.make_tensor_value_info(n, elem_type[n], None) for n in added)
+        return Side(proto, base), added
+
+
+@dataclass
+class Comparison:
+    """The graph outputs' errors, each probed site's error, and whether the original's outputs depend on
+    the inputs at all (equal on every feed, or every output constant: the check then proves little)."""
+
+    verification: Verification
+    probes: dict[str, OutputError] = field(default_factory=dict)
+    input_independent: bool = False
+
+
 def run_all(
-    source, feeds: Sequence[Mapping[str, np.ndarray]], *, fused: bool = False
+    side: Side, feeds: Sequence[Mapping[str, np.ndarray]], *, fused: bool = False, last: bool = False
 ) -> tuple[list[str], list[dict[str, np.ndarray]]]:
     """Every output of the model for every feed; a run that fails is the input's fault for the original
-    (wrong shapes or types in the feeds, an invalid graph) and a failed verification for the fused model."""
-    session = runtime.session(source)
+    (wrong shapes or types in the feeds, an invalid graph) and a failed verification for the fused model.
+    The session is gone before the next model loads (`last`: no model loads after it)."""
+    session = runtime.session(side.source, base_dir=side.base_dir)
     names = [o.name for o in session.get_outputs()]
     if fused:
         results = [
@@ -66,14 +128,96 @@ def run_all(
             runtime.run(session, f, names, on="the verification inputs", error=UserError) for f in feeds
         ]
     del session
-    gc.collect()
+    if not last:
+        gc.collect()
     return names, results
 
 
-def compare(original, fused, feeds: Sequence[Mapping[str, np.ndarray]]) -> Verification:
-    """Run both models (paths or serialized bytes) on `feeds` and measure the output differences."""
-    names, expected = run_all(original, feeds)
+def compare(
+    original: Side, fused: Side, feeds: Sequence[Mapping[str, np.ndarray]], probes: Sequence[Probe] = ()
+) -> Comparison:
+    """Run both models on `feeds` and measure the differences of their outputs; run each probed site of
+    the fused model on the original's value of its input and measure its output against the original's."""
+    types = {name: p.elem_type for p in probes for name in (p.tensor, p.source)}
+    probing, added = original.with_outputs([n for p in probes for n in (p.tensor, p.source)], types)
+    names, expected = run_all(probing, feeds)
+    del probing
     fused_names, actual = run_all(fused, feeds, fused=True)
-    if fused_names != names:
-        raise AssertionError(f"fused model outputs {fused_names} differ from the original's {names}")
-    return output_errors(names, expected, actual)
+    outputs = [n for n in names if n not in added]
+    if fused_names != outputs:
+        raise AssertionError(f"fused model outputs {fused_names} differ from the original's {outputs}")
+    verification = output_errors(outputs, expected, actual)
+    verification.feed_shapes = {k: list(np.shape(v)) for k, v in feeds[0].items()} if feeds else {}
+    errors = _site_errors(fused, feeds, expected, probes) if probes else {}
+    return Comparison(verification, errors, _input_independent(outputs, expected))
+
+
+def _site_errors(
+    fused: Side,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    expected: Sequence[Mapping[str, np.ndarray]],
+    probes: Sequence[Probe],
+) -> dict[str, OutputError]:
+    """Each probed tensor of the fused model, computed from the original's values of the sites' inputs."""
+    proto, base = fused.copy()
+    inputs = _cut_at_sources(proto, probes)
+    declared = {o.name for o in proto.graph.output}
+    proto.graph.output.extend(
+        onnx.helper.make_tensor_value_info(p.tensor, p.elem_type, None)
+        for p in probes
+        if p.tensor not in declared
+    )
+    site_feeds = [
+        {**f, **{cut: e[source] for source, cut in inputs.items()}} for f, e in zip(feeds, expected)
+    ]
+    _, actual = run_all(Side(proto, base), site_feeds, fused=True, last=True)
+    return {p.tensor: measure((a[p.tensor], e[p.tensor]) for e, a in zip(expected, actual)) for p in probes}
+
+
+_PROBE_DEPTH = 4  # nodes a collapsed layer has at most: MatMul, Add, Reshape (or one Gemm or Conv)
+
+
+def _cut_at_sources(proto: onnx.ModelProto, probes: Sequence[Probe]) -> dict[str, str]:
+    """Make the collapsed layers read their input from a new graph input (one per site input that is not
+    a graph input already); returns {site input: the new input's name}."""
+    graph = proto.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    graph_inputs = {v.name for v in graph.input}
+    used = set(producers) | graph_inputs
+    cuts: dict[str, str] = {}
+    for probe in probes:
+        if probe.source in graph_inputs:
+            continue
+        cut = cuts.get(probe.source) or _unique(f"{probe.source}/lc_onnx_site_input", used)
+        frontier, depth = [probe.tensor], 0
+        while frontier and depth < _PROBE_DEPTH:
+            nodes = [producers[t] for t in frontier if t in producers and t != probe.source]
+            frontier = []
+            for node in nodes:
+                for i, name in enumerate(node.input):
+                    if name == probe.source:
+                        node.input[i] = cut
+                        cuts[probe.source] = cut
+                    elif name in producers:
+                        frontier.append(name)
+            depth += 1
+    for source, cut in cuts.items():
+        elem = next(p.elem_type for p in probes if p.source == source)
+        graph.input.append(onnx.helper.make_tensor_value_info(cut, elem, None))
+    return cuts
+
+
+def _unique(name: str, used: set[str]) -> str:
+    candidate, k = name, 1
+    while candidate in used:
+        k += 1
+        candidate = f"{name}_{k}"
+    used.add(candidate)
+    return candidate
+
+
+def _input_independent(names: Sequence[str], runs: Sequence[Mapping[str, np.ndarray]]) -> bool:
+    """The outputs are the same on every feed, or every output holds one value throughout."""
+    same = len(runs) > 1 and all(np.array_equal(runs[0][n], run[n]) for run in runs[1:] for n in names)
+    constant = all(np.all(run[n] == run[n].flat[0]) for run in runs for n in names if np.size(run[n]))
+    return bool(names) and (same or constant)

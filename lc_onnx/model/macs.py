@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import onnx
 from onnx import TensorProto
@@ -22,7 +23,7 @@ from onnx import TensorProto
 from lc_onnx.model.protos import MS_DOMAIN, is_default_domain
 from lc_onnx.model.shapes import Shape, attribute, infer_shapes
 
-__all__ = ["count_macs", "count_params", "macs_by_node"]
+__all__ = ["MacCount", "count", "count_macs", "count_params", "macs_by_node"]
 
 logger = logging.getLogger(__name__)
 
@@ -181,18 +182,33 @@ def _walk(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
                 yield from _walk(sub)
 
 
-def macs_by_node(
-    model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None
-) -> dict[str, int]:
-    """MACs of every MatMul, Gemm, Conv and ConvTranspose node, keyed by node name.
+@dataclass(frozen=True)
+class MacCount:
+    """MACs per counted node (keyed by node name, unnamed nodes `"<op_type>_<index>"`), and the
+    matrix-multiplying nodes whose operand shapes stayed unknown, so they are not in `total`."""
 
-    Unnamed nodes are keyed `"<op_type>_<index>"`. Nodes inside control-flow subgraphs are counted once
-    (a Loop body is not multiplied by its trip count). Nodes whose operand shapes stay unknown after
-    shape inference are left out with one warning.
+    by_node: dict[str, int]
+    not_counted: tuple[str, ...] = ()
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_node.values())
+
+
+def count(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None) -> MacCount:
+    """MACs of every MatMul, Gemm, Conv and ConvTranspose node at concrete input shapes.
+
+    Nodes inside control-flow subgraphs are counted once (a Loop body is not multiplied by its trip
+    count). Nodes whose operand shapes stay unknown after shape inference are listed as not counted,
+    with one warning.
 
     Args:
         model: the model; only dims are read, so external data need not be loaded.
-        input_shapes: concrete dims per graph input name; see `infer_shapes`.
+        input_shapes: concrete dims per graph input name. Inputs not named use their static dims, with
+            every symbolic dim set to 1.
+
+    Raises:
+        UserError: `input_shapes` names a value that is not a graph input, or gives a wrong rank.
     """
     graph, shapes = infer_shapes(model, input_shapes)
     result: dict[str, int] = {}
@@ -212,18 +228,16 @@ def macs_by_node(
             len(unknown),
             unknown[0],
         )
-    return result
+    return MacCount(result, tuple(unknown))
+
+
+def macs_by_node(
+    model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None
+) -> dict[str, int]:
+    """The counted nodes' MACs of `count`, keyed by node name."""
+    return count(model, input_shapes).by_node
 
 
 def count_macs(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None) -> int:
-    """Total multiply-accumulates of the model's MatMul, Gemm and Conv nodes at concrete input shapes.
-
-    Args:
-        model: the model; only dims are read, so external data need not be loaded.
-        input_shapes: concrete dims per graph input name. Inputs not named use their static dims, with
-            every symbolic dim set to 1.
-
-    Raises:
-        UserError: `input_shapes` names a value that is not a graph input, or gives a wrong rank.
-    """
-    return sum(macs_by_node(model, input_shapes).values())
+    """Total multiply-accumulates of the counted MatMul, Gemm and Conv nodes of `count`."""
+    return count(model, input_shapes).total

@@ -23,8 +23,10 @@ from types import ModuleType
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from lc_onnx.errors import UserError, one_line
+from lc_onnx.model import exercise as exercise_mod
 from lc_onnx.model import io
 from lc_onnx.model.protos import dims_of
 
@@ -129,7 +131,8 @@ def session(
 
 
 def _proto_source(ort, model: onnx.ModelProto, base_dir, options, keep: list) -> bytes:
-    """Serialized `model`; external initializers go to `options` as memory-mapped `OrtValue`s."""
+    """Serialized `model`; external initializers go to `options` as memory-mapped `OrtValue`s, and the
+    few other external tensors (`Constant` values, tensors in subgraphs) are read into a copy."""
     base = Path(base_dir) if base_dir is not None else None
     names = []
     for tensor in model.graph.initializer:
@@ -139,12 +142,15 @@ def _proto_source(ort, model: onnx.ModelProto, base_dir, options, keep: list) ->
     if names:
         options.add_external_initializers(names, keep)
     external = sum(t.data_location == onnx.TensorProto.EXTERNAL for t in io.iter_tensors(model))
-    if external > len(names):
-        raise UserError(
-            "external data outside the main graph's initializers cannot be run from memory; "
-            "save the model and pass its path"
-        )
-    return model.SerializeToString()
+    if external == len(names):
+        return model.SerializeToString()
+    inlined = onnx.ModelProto()
+    inlined.CopyFrom(model)  # external initializers are stubs: the copy holds no weights
+    given = set(names)  # by name: protobuf hands out a new wrapper object per access
+    for tensor in io.iter_tensors(inlined):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and tensor.name not in given:
+            tensor.CopyFrom(numpy_helper.from_array(np.asarray(io.read_tensor(tensor, base)), tensor.name))
+    return inlined.SerializeToString()
 
 
 def run(
@@ -166,13 +172,14 @@ def run(
 
 
 def input_shapes(
-    model: onnx.ModelProto, overrides: Mapping[str, Sequence[int]] | None = None
+    model: onnx.ModelProto, overrides: Mapping[str, Sequence[int]] | None = None, *, exercise: bool = False
 ) -> dict[str, tuple[int, ...]]:
     """Concrete shapes for the graph inputs: static dims kept, dynamic ones (symbolic, missing, or
-    written as a negative `dim_value`, which onnxruntime also treats as dynamic) set small,
-    `overrides` win."""
+    written as a negative `dim_value`, which onnxruntime also treats as dynamic) set small, or, with
+    `exercise`, as real inputs have them (see `exercise`); `overrides` win."""
     overrides = dict(overrides or {})
     initializers = {t.name for t in model.graph.initializer}
+    side = exercise_mod.image_side(model) if exercise else 0
     shapes = {}
     for value in model.graph.input:
         if value.name in initializers:
@@ -186,7 +193,10 @@ def input_shapes(
                 f"input {value.name!r} has no known rank; give its shape in {{input_shapes}}",
                 params=["input_shapes"],
             )
-        shapes[value.name] = tuple(DEFAULT_DYNAMIC_DIM if d is None else d for d in dims)
+        if exercise:
+            shapes[value.name] = exercise_mod.dims(model, value, side)
+        else:
+            shapes[value.name] = tuple(DEFAULT_DYNAMIC_DIM if d is None else d for d in dims)
     if overrides:
         names = ", ".join(sorted(overrides))
         raise UserError(f"{{input_shapes}} names unknown input(s): {names}", params=["input_shapes"])
@@ -194,7 +204,11 @@ def input_shapes(
 
 
 def random_feeds(
-    model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *, seed: int = 0
+    model: onnx.ModelProto,
+    shapes: Mapping[str, Sequence[int]],
+    *,
+    seed: int = 0,
+    index_rows: Mapping[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Random inputs of the model's graph-input types at `shapes` (see `random_inputs`)."""
     types = {v.name: v.type.tensor_type.elem_type for v in model.graph.input}
@@ -203,15 +217,21 @@ def random_feeds(
         if types[name] == 0:
             raise UserError(f"input {name!r} is not a tensor; lc-onnx verifies tensor inputs only")
         dtypes[name] = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(types[name]))
-    return random_inputs(dtypes, shapes, seed=seed)
+    return random_inputs(dtypes, shapes, seed=seed, index_rows=index_rows)
 
 
 def random_inputs(
-    dtypes: Mapping[str, np.dtype], shapes: Mapping[str, Sequence[int]], *, seed: int = 0
+    dtypes: Mapping[str, np.dtype],
+    shapes: Mapping[str, Sequence[int]],
+    *,
+    seed: int = 0,
+    index_rows: Mapping[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Standard normal floats; integers and booleans zero (safe as indices: token 0), except inputs
-    named like an attention mask, which are ones (every token attended, as a tokenizer gives)."""
+    """Standard normal floats; integers that index a table (`index_rows`: input -> rows) drawn from its
+    rows; inputs named like an attention mask ones (every token attended, as a tokenizer gives); other
+    integers and booleans zero (safe as indices: token 0)."""
     rng = np.random.default_rng(seed)
+    index_rows = index_rows or {}
     feeds = {}
     for name, shape in shapes.items():
         dtype = dtypes[name]
@@ -219,6 +239,8 @@ def random_inputs(
             feeds[name] = rng.standard_normal(tuple(shape)).astype(dtype)
         elif "mask" in name.lower():
             feeds[name] = np.ones(tuple(shape), dtype=dtype)
+        elif name in index_rows and np.issubdtype(dtype, np.integer):
+            feeds[name] = rng.integers(0, index_rows[name], size=tuple(shape)).astype(dtype)
         else:
             feeds[name] = np.zeros(tuple(shape), dtype=dtype)
     return feeds

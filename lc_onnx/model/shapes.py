@@ -141,6 +141,8 @@ _SHAPE_OPS = frozenset(
     {
         "Cast", "Concat", "Gather", "Slice", "Squeeze", "Unsqueeze", "Reshape", "Identity", "Add", "Sub",
         "Mul", "Div", "Min", "Max", "Range", "Equal", "Where", "Expand", "ConstantOfShape", "ReduceProd",
+        # window padding, `(w - n % w) % w`, as the torchscript exporter writes Swin's
+        "Mod", "Neg", "Abs", "Floor", "Ceil", "Transpose", "Less", "Greater", "Not", "And", "Or", "Size",
     }
 )  # fmt: skip
 _SMALL = 4096  # elements: shape values, index ranges such as position ids
@@ -172,6 +174,8 @@ def _fold_shape_values(inferred: onnx.ModelProto) -> list[onnx.TensorProto]:
         if not is_default_domain(node.domain) or not node.output or node.output[0] in known:
             continue
         if node.op_type == "Constant":
+            if not _small_constant(node):  # a weight, or a data-free stub: no shape is computed from it
+                continue
             values = ReferenceEvaluator(node, opsets={"": opset}).run(None, {})
         elif node.op_type == "Shape":
             dims = shapes.get(node.input[0])
@@ -201,6 +205,16 @@ def _fold_shape_values(inferred: onnx.ModelProto) -> list[onnx.TensorProto]:
                 new[name] = value
     produced = {o for n in graph.node if n.op_type != "Constant" for o in n.output}
     return [numpy_helper.from_array(v, name) for name, v in new.items() if name in produced]
+
+
+def _small_constant(node: onnx.NodeProto) -> bool:
+    """A `Constant` whose value is small and held in the node (not a tensor stub of the skeleton)."""
+    for attr in node.attribute:
+        if attr.name == "value" and (
+            attr.t.data_location == TensorProto.EXTERNAL or math.prod(attr.t.dims) > _SMALL
+        ):
+            return False
+    return True
 
 
 def _replace_by_constants(graph: onnx.GraphProto, values: list[onnx.TensorProto]) -> None:

@@ -162,7 +162,12 @@ def test_demo_collapses_and_verifies(tmp_path, capsys):
     assert max(o["rel_l2"] for o in report["verification"]["outputs"].values()) < 1e-2
     assert files(tmp_path) == ["demo.collapsed.onnx", "demo.onnx", "report.json"]
     out = capsys.readouterr().out  # the summary, as `fuse` prints it, not the JSON report
-    assert out.startswith("2 of 3 site(s) collapsed\n") and "verified on 1 feed(s)" in out
+    assert out.startswith("2 of 3 site(s) collapsed\n") and "verified on 2 feed(s) at tokens[2,16,32]" in out
+    assert report["verification"]["feed_shapes"] == {"tokens": [2, 16, 32]}
+    exact = next(s for s in report["sites"] if s["reason_kind"] == "exact")
+    assert (
+        exact["site_error"]["rel_l2"] <= 1e-5 and f"(site rel_l2={exact['site_error']['rel_l2']:.3g})" in out
+    )
     assert '"sites"' not in out
 
 

@@ -136,6 +136,17 @@ def assert_equal_outputs(source: Path, out: Path) -> None:
         assert rel_l2(a, e) <= 1e-5
 
 
+def assert_macs_counted(result: lc_onnx.FuseResult, source: Path) -> None:
+    """Every MatMul, Gemm and Conv is counted (none of unknown shape), and a collapse removes MACs."""
+    ops = {n.op_type for n in onnx.load(str(source), load_external_data=False).graph.node}
+    report = result.report
+    if ops & {"MatMul", "Gemm", "Conv"}:
+        assert report.macs_before > 0
+        assert (report.macs_not_counted_before, report.macs_not_counted_after) == ([], [])
+    if result.collapsed:
+        assert report.macs_after < report.macs_before
+
+
 def assert_unchanged(source: Path, out: Path) -> None:
     """`out` is the same model as `source`: same proto, bit-identical onnxruntime outputs."""
     original, fused = onnx.load(str(source)), onnx.load(str(out))
@@ -154,6 +165,7 @@ def test_export_without_linear_activations_is_left_identical(tmp_path, family, d
     result = lc_onnx.fuse(source, output=tmp_path / "out.onnx")
 
     assert digest(source) == before
+    assert_macs_counted(result, source)
     expected = FAMILIES[family]
     mlps = [
         s for s in result.report.sites if re.fullmatch(rf"{expected.activation} \S+ is not linear", s.reason)
@@ -178,6 +190,7 @@ def test_export_with_linear_activations_collapses_every_block(tmp_path, family, 
 
     result = lc_onnx.fuse(source, output=tmp_path / "out.onnx", threshold=0.0)
 
+    assert_macs_counted(result, source)
     expected = FAMILIES[family]
     assert result.collapsed == expected.blocks + expected.exact_pairs, [s.reason for s in result.report.sites]
     assert all(site.extra["exact"] for site in result.report.collapsed)
@@ -220,6 +233,7 @@ def test_backend_model_with_relu_classifier_is_left_identical(tmp_path, name, ex
     result = lc_onnx.fuse(source, output=tmp_path / "out.onnx")
 
     assert digest(source) == before
+    assert_macs_counted(result, source)
     assert result.collapsed == 0
     reasons = [site.reason for site in result.report.sites]
     assert len(reasons) == sites

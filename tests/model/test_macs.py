@@ -220,3 +220,23 @@ def test_shapes_computed_from_input_shapes_are_folded() -> None:
         }}"""
     )
     assert count_macs(model, {"ids": [1, 128]}) == 128 * 8 * 16
+
+
+def test_window_padding_computed_with_mod_is_folded() -> None:
+    # Swin's torchscript export pads the tokens to a multiple of the window, `(w - n % w) % w`, computed
+    # from Shape at run time: without Mod the padded shape, and every MatMul after it, stayed unknown.
+    model = _model(
+        f"""{HEADER} g (float[B, N, 8] x) => (float Y) <float[8, 16] w = {{{", ".join(["0.25"] * 128)}}}> {{
+            n = Shape<start = 1, end = 2>(x)
+            win = Constant<value = int64[1] {{4}}>()
+            rest = Mod(n, win)
+            short = Sub(win, rest)
+            pad = Mod(short, win)
+            before = Constant<value = int64[4] {{0, 0, 0, 0}}>()
+            after = Constant<value = int64[1] {{0}}>()
+            pads = Concat<axis = 0>(before, pad, after)
+            padded = Pad(x, pads)
+            Y = MatMul(padded, w)
+        }}"""
+    )
+    assert count_macs(model, {"x": [2, 6, 8]}) == 2 * 8 * 8 * 16  # 6 tokens padded to 8
