@@ -208,7 +208,7 @@ def _verify(work: _Work, staged: Path | None, options: FuseOptions) -> None:
     except UserError as exc:  # the original cannot run at these shapes
         if not work.exercised:
             raise
-        _warn(work.report, f"the original model does not run at {report_mod.shapes_text(_first(shapes))} "
+        _warn(work.report, f"the original model does not run at {report_mod.shapes_text(shapes)} "
               f"({exc}); verified at the small shapes instead")  # fmt: skip
         shapes = runtime.input_shapes(work.original.proto, options.input_shapes)
         _count_macs(work, shapes)
@@ -272,10 +272,6 @@ def _check_rounding(verification: Verification, model: onnx.ModelProto) -> None:
 def _warn(report: Report, message: str) -> None:
     log.warning("%s", message)
     report.warnings.append(message)
-
-
-def _first(shapes: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
-    return {k: list(v) for k, v in shapes.items()}
 
 
 def site_finder(loaded: io.LoadedModel) -> SiteFinder:

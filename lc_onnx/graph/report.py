@@ -14,6 +14,7 @@ consumers must ignore unknown keys.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -183,7 +184,8 @@ def _macs_line(report: Report) -> str:
     )
 
 
-def shapes_text(shapes: dict[str, list[int]]) -> str:
+def shapes_text(shapes: Mapping[str, Sequence[int]]) -> str:
+    """`x[2,3,224,224] mask[2,32]`: input shapes as the summary shows them."""
     return " ".join(f"{name}[{','.join(str(d) for d in dims)}]" for name, dims in shapes.items())
 
 
