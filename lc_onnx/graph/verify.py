@@ -12,11 +12,14 @@ its name) is compared (`Probe`): an exact site that is off cannot hide behind an
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -88,15 +91,36 @@ class Side:
         loaded = io.load(self.source)
         return loaded.proto, loaded.base_dir
 
-    def with_outputs(self, names: Sequence[str], elem_type: Mapping[str, int]) -> tuple[Side, list[str]]:
-        """This model with `names` as extra graph outputs, and those it did not have yet."""
-        if not names:
-            return self, []
+    @contextlib.contextmanager
+    def edited(self, change: Callable[[onnx.ModelProto], None]) -> Iterator[Side]:
+        """This model changed by `change` (the model itself is not). A model read from a file is written
+        as a hidden temporary file beside it, removed afterwards, so that onnxruntime reads the weights
+        from the same data files itself, once (given as memory-mapped arrays it copies them: twice the
+        weights in memory); where that directory is not writable, and for a proto, it stays in memory."""
         proto, base = self.copy()
-        declared = {o.name for o in proto.graph.output}
-        added = [n for n in dict.fromkeys(names) if n not in declared]
-        proto.graph.output.extend(onnx.helper.make_tensor_value_info(n, elem_type[n], None) for n in added)
-        return Side(proto, base), added
+        change(proto)
+        if isinstance(self.source, onnx.ModelProto | bytes):
+            yield Side(proto, base)
+            return
+        try:
+            handle, name = tempfile.mkstemp(prefix=".lc-onnx-verify-", suffix=".onnx", dir=base)
+        except OSError:  # a read-only directory: run from memory
+            yield Side(proto, base)
+            return
+        try:
+            with os.fdopen(handle, "wb") as f:
+                f.write(proto.SerializeToString())
+            yield Side(name)
+        finally:
+            Path(name).unlink(missing_ok=True)
+
+
+def _add_outputs(proto: onnx.ModelProto, names: Sequence[str], elem_type: Mapping[str, int]) -> list[str]:
+    """Declare `names` as graph outputs too; returns those that were not outputs yet."""
+    declared = {o.name for o in proto.graph.output}
+    added = [n for n in dict.fromkeys(names) if n not in declared]
+    proto.graph.output.extend(onnx.helper.make_tensor_value_info(n, elem_type[n], None) for n in added)
+    return added
 
 
 @dataclass
@@ -139,9 +163,10 @@ def compare(
     """Run both models on `feeds` and measure the differences of their outputs; run each probed site of
     the fused model on the original's value of its input and measure its output against the original's."""
     types = {name: p.elem_type for p in probes for name in (p.tensor, p.source)}
-    probing, added = original.with_outputs([n for p in probes for n in (p.tensor, p.source)], types)
-    names, expected = run_all(probing, feeds)
-    del probing
+    added: list[str] = []
+    probing = original.edited(lambda proto: added.extend(_add_outputs(proto, list(types), types)))
+    with probing if probes else contextlib.nullcontext(original) as side:
+        names, expected = run_all(side, feeds)
     fused_names, actual = run_all(fused, feeds, fused=True)
     outputs = [n for n in names if n not in added]
     if fused_names != outputs:
@@ -159,18 +184,15 @@ def _site_errors(
     probes: Sequence[Probe],
 ) -> dict[str, OutputError]:
     """Each probed tensor of the fused model, computed from the original's values of the sites' inputs."""
-    proto, base = fused.copy()
-    inputs = _cut_at_sources(proto, probes)
-    declared = {o.name for o in proto.graph.output}
-    proto.graph.output.extend(
-        onnx.helper.make_tensor_value_info(p.tensor, p.elem_type, None)
-        for p in probes
-        if p.tensor not in declared
-    )
-    site_feeds = [
-        {**f, **{cut: e[source] for source, cut in inputs.items()}} for f, e in zip(feeds, expected)
-    ]
-    _, actual = run_all(Side(proto, base), site_feeds, fused=True, last=True)
+    cuts: dict[str, str] = {}
+
+    def cut(proto: onnx.ModelProto) -> None:
+        cuts.update(_cut_at_sources(proto, probes))
+        _add_outputs(proto, [p.tensor for p in probes], {p.tensor: p.elem_type for p in probes})
+
+    with fused.edited(cut) as sites:
+        site_feeds = [{**f, **{c: e[source] for source, c in cuts.items()}} for f, e in zip(feeds, expected)]
+        _, actual = run_all(sites, site_feeds, fused=True, last=True)
     return {p.tensor: measure((a[p.tensor], e[p.tensor]) for e, a in zip(expected, actual)) for p in probes}
 
 
