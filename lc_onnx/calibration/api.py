@@ -93,7 +93,7 @@ def fuse_calibrated(
     loaded = io.as_loaded(model)
     held: list = []
     if data is not None:
-        stream, held = data_mod.split(data_mod.feeds(data, data_mod.input_specs(loaded.proto)), calib_batches)
+        stream, held = data_mod.fit_and_held(data, data_mod.input_specs(loaded.proto), calib_batches)
         if fits is None:
             calibration = _fit(loaded, stream)
         else:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from lc_onnx.calibration import text
 from lc_onnx.errors import UserError, one_line
 from lc_onnx.model.protos import dims_of
 
@@ -82,11 +83,14 @@ def input_specs(model: onnx.ModelProto) -> dict[str, InputSpec]:
 
 
 def feeds(data: Any, specs: Mapping[str, InputSpec]) -> Iterator[Feed]:
-    """Checked feeds from `data` (an iterable of feeds or a `CalibrationDataReader`), lazily.
+    """Checked feeds from `data` (an iterable of feeds, a `CalibrationDataReader`, or `TextData`, whose
+    lines to fit on are taken), lazily.
 
     Raises:
         UserError: `data` is not a source of feeds, is empty, or a feed does not fit the model.
     """
+    if isinstance(data, text.TextData):
+        data = data.feeds(data.train, {name: spec.dtype for name, spec in specs.items()})
     count = 0
     for count, feed in enumerate(_iterate(data), start=1):
         yield check_feed(feed, specs, count - 1)
@@ -121,6 +125,22 @@ def check_feed(feed: Any, specs: Mapping[str, InputSpec], index: int) -> Feed:
     if missing:
         raise UserError(f"calibration feed {index}: input {missing[0]!r} is missing")
     return {name: specs[name].check(feed[name], index) for name in specs}
+
+
+def fit_and_held(
+    data: Any, specs: Mapping[str, InputSpec], fit_batches: int | None
+) -> tuple[Iterator[Feed], list[Feed]]:
+    """Feeds to fit on (streamed) and held-out feeds: text holds out its own lines (see `text`), any
+    other data is cut by `split`."""
+    if not isinstance(data, text.TextData):
+        return split(feeds(data, specs), fit_batches)
+    if fit_batches is not None:
+        raise UserError("{calib_batches} does not apply to text data: it holds out lines by their CRC-32",
+                        params=["calib_batches"])  # fmt: skip
+    dtypes = {name: spec.dtype for name, spec in specs.items()}
+    lines = data.held[: MAX_HELD_OUT * text.BATCH]  # held-out feeds live in memory
+    held = [check_feed(f, specs, i) for i, f in enumerate(data.feeds(lines, dtypes))]
+    return feeds(data, specs), held
 
 
 def split(stream: Iterator[Feed], fit_batches: int | None) -> tuple[Iterator[Feed], list[Feed]]:
@@ -174,9 +194,22 @@ def load_callable(spec: str, param: str) -> Callable[..., Any]:
     return fn
 
 
-def from_spec(spec: str) -> Iterable[Any]:
+def from_spec(
+    spec: str, *, tokenizer: str | Path | None = None, max_length: int = text.DEFAULT_MAX_LENGTH
+) -> Iterable[Any] | text.TextData:
     """The data a spec names (the `data` parameter spelled as text, as on the command line):
-    `file.py:function`, a directory of `.npz` files, or one `.npz`."""
+    `file.py:function`, a directory of `.npz` files, one `.npz`, or `text:FILE` with a `tokenizer`
+    directory (see `text`)."""
+    if spec.startswith(text.PREFIX):
+        if tokenizer is None:
+            raise UserError(
+                f"{{data}} {spec}: text needs the model's {{tokenizer}}", params=["data", "tokenizer"]
+            )
+        return text.TextData.from_files(spec[len(text.PREFIX) :], tokenizer, max_length)
+    if tokenizer is not None:
+        raise UserError(
+            "{tokenizer} applies to text data only ({data} text:FILE)", params=["tokenizer", "data"]
+        )
     path = Path(spec)
     if path.is_dir():
         files = sorted(path.glob("*.npz"))

@@ -5,7 +5,8 @@ keeps running per-channel moments (memory does not grow with the data), and writ
 `lc-onnx fuse MODEL --fits FITS.json --data SPEC` (or `--fits` alone to apply them all).
 
 --data is FILE.py:FUNCTION (the function returns an iterable of {input name: array}, or an onnxruntime
-CalibrationDataReader), a directory of .npz files (one feed per file) or one .npz file.
+CalibrationDataReader), a directory of .npz files (one feed per file), one .npz file, or text:FILE (one
+example per line, tokenized with --tokenizer DIR; the lines held out by their CRC-32 are not fitted on).
 
 Exit codes: 0 done, 2 bad input (a bad model, bad data: wrong input name, dtype or shape, no feeds).
 """
@@ -15,24 +16,28 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lc_onnx.commands import common
 from lc_onnx.commands.common import FLAGS  # noqa: F401  (how errors spell the parameters)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, help="the .onnx model to calibrate")
     parser.add_argument(
-        "--data", required=True, metavar="SPEC", help="FILE.py:FUNCTION, DIR of .npz, or FILE.npz"
-    )
+        "--data", required=True, metavar="SPEC",
+        help="FILE.py:FUNCTION, DIR of .npz, FILE.npz, or text:FILE (with --tokenizer)",
+    )  # fmt: skip
+    common.add_text_options(parser)
     parser.add_argument("-o", "--output", type=Path, help="where to write the fits (default MODEL.fits.json)")
     parser.add_argument("--calib-batches", type=int, metavar="N", help="use only the first N feeds")
 
 
 def run(args: argparse.Namespace) -> int:
     from lc_onnx.calibration import calibrate
-    from lc_onnx.calibration.data import from_spec
 
     output = args.output or args.model.with_name(_stem(args.model) + ".fits.json")
-    calibration = calibrate(args.model, from_spec(args.data), calib_batches=args.calib_batches, output=output)
+    calibration = calibrate(
+        args.model, common.data_from_args(args), calib_batches=args.calib_batches, output=output
+    )
     print(f"{len(calibration.fits)} activation(s) fitted on {calibration.batches} batch(es)")
     for key, fit in calibration.fits.items():
         print(

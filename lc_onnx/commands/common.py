@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
+from lc_onnx.calibration.text import DEFAULT_MAX_LENGTH
 from lc_onnx.errors import UserError
 from lc_onnx.graph.options import DEFAULT_MAX_ERROR, DEFAULT_THRESHOLD
 
@@ -69,10 +70,11 @@ def add_calibration_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("calibration (replaces the --threshold rule by fits measured on data)")
     group.add_argument(
         "--data", metavar="SPEC",
-        help="calibration data: FILE.py:FUNCTION (returns an iterable of {input: array}), DIR of .npz or "
-        "FILE.npz; fits every activation and collapses the sites that keep the outputs within --max-error "
-        "on held-out feeds",
+        help="calibration data: FILE.py:FUNCTION (returns an iterable of {input: array}), DIR of .npz, "
+        "FILE.npz or text:FILE (one example per line, with --tokenizer); fits every activation and collapses "
+        "the sites that keep the outputs within --max-error on held-out feeds",
     )  # fmt: skip
+    add_text_options(group)
     group.add_argument("--fits", metavar="FITS.json", help="reuse the fits of `lc-onnx calibrate`")
     group.add_argument(
         "--metric", metavar="FILE.py:FUNCTION",
@@ -85,12 +87,35 @@ def add_calibration_options(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def add_text_options(parser) -> None:
+    """`--tokenizer`, `--max-length`: how `--data text:FILE` becomes feeds."""
+    parser.add_argument(
+        "--tokenizer", metavar="DIR",
+        help="with --data text:FILE: the model's tokenizer (a transformers tokenizer directory, read offline); "
+        "each model input takes the tokenizer output of its name; every line whose CRC-32 is divisible by 10 "
+        "is held out",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-length", type=int, default=DEFAULT_MAX_LENGTH, metavar="N",
+        help="with --data text:FILE: tokens per example at most (default %(default)d; batches of 32 lines)",
+    )  # fmt: skip
+
+
+def data_from_args(args: argparse.Namespace) -> Any:
+    """`--data` (with `--tokenizer` and `--max-length` for text) as the data the library takes."""
+    from lc_onnx.calibration.data import from_spec
+
+    return from_spec(args.data, tokenizer=args.tokenizer, max_length=args.max_length)
+
+
 def calibration_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    from lc_onnx.calibration.data import from_spec, load_callable
+    from lc_onnx.calibration.data import load_callable
 
     kwargs: dict[str, Any] = {}
     if args.data is not None:
-        kwargs["data"] = from_spec(args.data)
+        kwargs["data"] = data_from_args(args)
+    elif args.tokenizer is not None:
+        raise UserError("--tokenizer applies to text data only (--data text:FILE)")
     if args.fits is not None:
         kwargs["fits"] = args.fits
     if args.metric is not None:

@@ -3,13 +3,13 @@ model's own tokenizer.
 
 The held-out examples are fixed and independent of any seed: a line is held out when the CRC-32 of its
 text is divisible by 10 (about a tenth; a file too small to hold one out that way holds out its last
-line). Batches are padded to their longest example (at most `max_length` tokens) with the tokenizer's
-own padding, so the attention mask marks the real tokens.
+line), the same rule as the graph pass's text calibration data (`lc_onnx.calibration.text`, whose
+`split` this module offers). Batches are padded to their longest example (at most `max_length` tokens)
+with the tokenizer's own padding, so the attention mask marks the real tokens.
 """
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,41 +17,16 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from lc_onnx.errors import UserError, one_line
+from lc_onnx.calibration import text as calibration_text
+from lc_onnx.calibration.text import split
 
-HELD_OUT_EVERY = 10
+__all__ = ["TextDataset", "read_lines", "split"]
 
 
 def read_lines(path: str | Path) -> list[str]:
-    """The non-blank lines of a UTF-8 text file (surrounding whitespace stripped).
-
-    Raises:
-        UserError: the file is missing, unreadable, not UTF-8 text, or has no non-blank line.
-    """
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{{dataset}} text:{p}: no such file", params=["dataset"]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(
-            f"{{dataset}} text:{p}: not a readable UTF-8 text file ({one_line(exc)})", params=["dataset"]
-        ) from None
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if not lines:
-        raise UserError(
-            f"{{dataset}} text:{p}: the file has no text (one example per line)", params=["dataset"]
-        )
-    return lines
-
-
-def split(lines: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(train, held-out) lines; see the module docstring."""
-    held = [line for line in lines if zlib.crc32(line.encode()) % HELD_OUT_EVERY == 0]
-    if not held or len(held) == len(lines):
-        held = [lines[-1]]
-    kept = set(held)
-    return [line for line in lines if line not in kept], held
+    """The non-blank lines of a UTF-8 text file given as `--dataset text:FILE` (see
+    `lc_onnx.calibration.text.read_lines`, which the graph pass's text data reads them with too)."""
+    return calibration_text.read_lines(path, "dataset")
 
 
 @dataclass

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from lc_onnx.calibration.text import PREFIX
 from lc_onnx.errors import UserError
 
-TEXT = "text:"  # the `dataset` prefix of a text file (`text:FILE`), one example per line
+TEXT = PREFIX  # the `dataset` prefix of a text file (`text:FILE`), one example per line
 
 
 @dataclass
