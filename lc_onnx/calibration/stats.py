@@ -20,7 +20,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 
 from lc_onnx.calibration.data import Feed
 from lc_onnx.graph.constant_eval import Constants
@@ -151,7 +150,9 @@ def collect(loaded: io.LoadedModel, probes: Sequence[Probe], feeds: Iterable[Fee
     stats = Statistics({p.key: p for p in probes}, {p.key: Moments(p.channels) for p in probes}, {})
     names = list(dict.fromkeys([t for p in probes for t in (p.input, p.output, *p.consumer_outputs)]))
     stats.energy = {name: 0.0 for p in probes for name in p.consumer_outputs}
-    session = runtime.session(with_outputs(loaded.proto, names), base_dir=loaded.base_dir) if probes else None
+    session = (
+        runtime.session(io.with_outputs(loaded.proto, names), base_dir=loaded.base_dir) if probes else None
+    )
     for feed in feeds:
         stats.batches += 1
         if session is None:
@@ -170,16 +171,3 @@ def collect(loaded: io.LoadedModel, probes: Sequence[Probe], feeds: Iterable[Fee
         del values
     log.info("calibration statistics: %d probe(s) over %d batch(es)", len(probes), stats.batches)
     return stats
-
-
-def with_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy of `proto` whose graph also outputs the tensors `names` (types inferred by onnxruntime).
-    External tensors stay references, so the copy is small."""
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
-    existing = {o.name for o in out.graph.output}
-    for name in names:
-        if name not in existing:
-            out.graph.output.append(onnx.ValueInfoProto(name=name))
-            existing.add(name)
-    return out

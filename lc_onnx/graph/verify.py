@@ -115,14 +115,6 @@ class Side:
             Path(name).unlink(missing_ok=True)
 
 
-def _add_outputs(proto: onnx.ModelProto, names: Sequence[str], elem_type: Mapping[str, int]) -> list[str]:
-    """Declare `names` as graph outputs too; returns those that were not outputs yet."""
-    declared = {o.name for o in proto.graph.output}
-    added = [n for n in dict.fromkeys(names) if n not in declared]
-    proto.graph.output.extend(onnx.helper.make_tensor_value_info(n, elem_type[n], None) for n in added)
-    return added
-
-
 @dataclass
 class Comparison:
     """The graph outputs' errors, each probed site's error, and whether the original's outputs depend on
@@ -162,9 +154,9 @@ def compare(
 ) -> Comparison:
     """Run both models on `feeds` and measure the differences of their outputs; run each probed site of
     the fused model on the original's value of its input and measure its output against the original's."""
-    types = {name: p.elem_type for p in probes for name in (p.tensor, p.source)}
     added: list[str] = []
-    probing = original.edited(lambda proto: added.extend(_add_outputs(proto, list(types), types)))
+    tensors = [name for p in probes for name in (p.tensor, p.source)]
+    probing = original.edited(lambda proto: added.extend(io.add_outputs(proto, tensors)))
     with probing if probes else contextlib.nullcontext(original) as side:
         names, expected = run_all(side, feeds)
     fused_names, actual = run_all(fused, feeds, fused=True)
@@ -188,7 +180,7 @@ def _site_errors(
 
     def cut(proto: onnx.ModelProto) -> None:
         cuts.update(_cut_at_sources(proto, probes))
-        _add_outputs(proto, [p.tensor for p in probes], {p.tensor: p.elem_type for p in probes})
+        io.add_outputs(proto, [p.tensor for p in probes])
 
     with fused.edited(cut) as sites:
         site_feeds = [{**f, **{c: e[source] for source, c in cuts.items()}} for f, e in zip(feeds, expected)]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +120,24 @@ def as_loaded(model: str | os.PathLike | onnx.ModelProto | LoadedModel) -> Loade
     if isinstance(model, LoadedModel):
         return model
     return from_proto(model) if isinstance(model, onnx.ModelProto) else load(model)
+
+
+def add_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> list[str]:
+    """Declare the tensors `names` graph outputs of `proto` too, in place (their types are left for
+    onnxruntime to infer); returns those that were not outputs yet."""
+    declared = {o.name for o in proto.graph.output}
+    added = [name for name in dict.fromkeys(names) if name not in declared]
+    proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in added)
+    return added
+
+
+def with_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of `proto` whose graph also outputs the tensors `names` (see `add_outputs`). External
+    tensors stay references, so the copy is small."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    add_outputs(out, names)
+    return out
 
 
 def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
