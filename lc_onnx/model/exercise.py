@@ -31,7 +31,7 @@ _STRIDED = ("Conv", "MaxPool", "AveragePool", "LpPool")
 _INDEX_PASSTHROUGH = ("Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand")
 
 
-def dims(model: onnx.ModelProto, value: onnx.ValueInfoProto, side: int) -> tuple[int, ...] | None:
+def dims(value: onnx.ValueInfoProto, side: int) -> tuple[int, ...] | None:
     """The exercising dims of graph input `value` (None when it has no known rank); `side` is
     `image_side(model)`."""
     known = dims_of(value)

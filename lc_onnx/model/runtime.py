@@ -194,7 +194,7 @@ def input_shapes(
                 params=["input_shapes"],
             )
         if exercise:
-            shapes[value.name] = exercise_mod.dims(model, value, side)
+            shapes[value.name] = exercise_mod.dims(value, side)
         else:
             shapes[value.name] = tuple(DEFAULT_DYNAMIC_DIM if d is None else d for d in dims)
     if overrides:
