@@ -31,6 +31,9 @@ def fuse(
     metric: Callable[..., float] | None = None,
     max_drop: float | None = None,
     calib_batches: int | None = None,
+    fit_method: str | None = None,
+    blocks: int | None = None,
+    progress: bool = False,
     **options: Any,
 ) -> FuseResult:
     """Collapse every qualifying Linear -> linear activation -> Linear of `model` and verify the result.
@@ -42,13 +45,19 @@ def fuse(
             for the calibrated fuse below (with `data`: selected on its held-out feeds; without: all
             applied).
         data: calibration feeds (an iterable of `{input: array}` or a `CalibrationDataReader`): fit every
-            activation, keep the fits whose sites keep the model within `max_error` (or `metric` within
-            `max_drop`) on held-out feeds, and verify on those feeds; `threshold` and `feeds` are then
-            not used (see `lc_onnx.calibration`).
+            block (or activation), keep the fits that keep the model within `max_error` (or `metric`
+            within `max_drop`) on held-out feeds, and verify on those feeds; `threshold` and `feeds` are
+            then not used (see `lc_onnx.calibration`).
         metric: `metric(run) -> float`, higher is better, where `run(feed)` returns the model's outputs;
             with `max_drop`, the budget instead of `max_error`.
         calib_batches: fit on the first N feeds of `data` and hold out the next ones (default: every
             fourth feed is held out).
+        fit_method: `"block"` (the default with `data`): each block `Linear -> activation -> Linear`
+            replaced by its least-squares linear map, fitted on the data (in order, padding excluded);
+            `"channel"` (the default with `fits`): each activation replaced by a per-channel line.
+        blocks: with the block fit, replace exactly this many blocks, the best by held-out error; the
+            `max_error` budget then applies only when given.
+        progress: progress bars on a terminal for the passes over the data.
         **options: the graph pass's own options, the fields of `lc_onnx.graph.options.FuseOptions`:
             `output`, `threshold`, `max_error`, `max_abs_error`, `verify`, `allow_growth`, `input_shapes`,
             `feeds`.
@@ -58,7 +67,11 @@ def fuse(
         VerificationError: the fused model deviates more than `max_error` (nothing is written).
     """
     calibrated = (
-        data is not None or metric is not None or (fits is not None and not isinstance(fits, Mapping))
+        data is not None
+        or metric is not None
+        or (fits is not None and not isinstance(fits, Mapping))
+        or fit_method is not None
+        or blocks is not None
     )
     if not calibrated:
         return fuse_graph(model, FuseOptions(fits=fits, **options))
@@ -70,4 +83,8 @@ def fuse(
         metric=metric,
         max_drop=max_drop,
         calib_batches=calib_batches,
+        fit_method=fit_method,
+        blocks=blocks,
+        gate_given="max_error" in options or "max_abs_error" in options,
+        progress=progress,
     )

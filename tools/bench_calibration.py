@@ -1,14 +1,18 @@
-"""Benchmark: calibrate a ViT-S/16 export on digit images; time and peak memory for 16 and 64 images.
+"""Benchmark: calibrate a ViT-S/16 export on digit images; time and peak memory for 16 and 64 images,
+beside onnxruntime's MinMax calibrator collecting its statistics over the same feeds.
 
-    python tools/bench_calibration.py [--out DIR] [--images 16 64] [--batch 8]
+    python tools/bench_calibration.py [--out DIR] [--images 16 64] [--batch 8] [--modes calibrate fuse minmax]
 
 Builds timm's `vit_small_patch16_224` (random init, no download, MLP biases drawn from N(0, 0.02) instead
 of timm's zeros; GELU MLPs in 12 blocks), exports it
 with the dynamo exporter (opset 18: GELU becomes the Div/Erf/Add/Mul/Mul pattern) to DIR/vit_s16.onnx
 (a temporary directory by default), then runs `lc_onnx.calibrate` in a fresh subprocess per image count
-on scikit-learn digits upsampled to 224x224, 3 channels, ImageNet-normalised, and prints the wall time of
-`calibrate` and the process's peak RSS. Memory must not grow with the number of images: the statistics
-are running moments and the data is produced batch by batch.
+on scikit-learn digits upsampled to 224x224, 3 channels, ImageNet-normalised, and prints the wall time and
+the process's peak RSS of each mode: `calibrate` (the per-channel statistics and fits), `fuse` (the whole
+`lc_onnx.fuse(model, data=...)` with its defaults: least-squares block fits, the choice on held-out feeds,
+in-order fits, the verified fuse) and `minmax` (onnxruntime's `MinMaxCalibrater` collecting its ranges
+over the same feeds, the first step of static quantization). Memory must not grow with the number of
+images: the statistics are running sums and the data is produced batch by batch.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+MODES = ("calibrate", "fuse", "minmax")
 MEAN = np.asarray([0.485, 0.456, 0.406], np.float32)[:, None, None]
 STD = np.asarray([0.229, 0.224, 0.225], np.float32)[:, None, None]
 
@@ -56,18 +61,57 @@ def digit_images(count: int, batch: int):
         yield {"input": (chunk[:, None] - MEAN) / STD}
 
 
-def worker(model: Path, count: int, batch: int) -> None:
-    import lc_onnx
+class Images:
+    """The digit images, readable again (the in-order fit reads the data once per chosen block)."""
 
+    def __init__(self, count: int, batch: int) -> None:
+        self.count, self.batch = count, batch
+
+    def __iter__(self):
+        return digit_images(self.count, self.batch)
+
+
+class Reader:
+    """The same feeds as an onnxruntime `CalibrationDataReader`."""
+
+    def __init__(self, count: int, batch: int) -> None:
+        self.feeds = digit_images(count, batch)
+
+    def get_next(self):
+        return next(self.feeds, None)
+
+
+def worker(mode: str, model: Path, count: int, batch: int) -> None:
     start = time.perf_counter()
-    calibration = lc_onnx.calibrate(model, digit_images(count, batch))
-    seconds = time.perf_counter() - start
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    fits = {
-        k: [f.op, round(f.fit_error, 4), round(f.estimated_error, 4)] for k, f in calibration.fits.items()
-    }
-    print(json.dumps({"images": count, "batches": calibration.batches, "seconds": seconds, "peak_rss_mb": rss_mb,
-                      "fits": fits}))  # fmt: skip
+    out: dict = {"mode": mode, "images": count}
+    if mode == "calibrate":
+        import lc_onnx
+
+        calibration = lc_onnx.calibrate(model, digit_images(count, batch))
+        out["batches"] = calibration.batches
+        out["fits"] = {
+            k: [f.op, round(f.fit_error, 4), round(f.estimated_error, 4)] for k, f in calibration.fits.items()
+        }
+    elif mode == "fuse":
+        import lc_onnx
+
+        result = lc_onnx.fuse(model, data=Images(count, batch))
+        out["collapsed"] = result.collapsed
+        out["calibration"] = result.report.calibration
+        out["worst_rel_l2"] = result.report.verification.worst_rel_l2
+    else:
+        from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+        with tempfile.TemporaryDirectory() as tmp:
+            calibrator = create_calibrator(
+                str(model), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                calibrate_method=CalibrationMethod.MinMax,
+            )  # fmt: skip
+            calibrator.collect_data(Reader(count, batch))
+            out["tensors"] = len(calibrator.compute_data().data)
+    out["seconds"] = time.perf_counter() - start
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(out))
 
 
 def main() -> None:
@@ -77,10 +121,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="where to write the export (default: a temporary directory)")
     parser.add_argument("--images", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
-        worker(args.worker, args.images[0], args.batch)
+        worker(args.modes[0], args.worker, args.images[0], args.batch)
         return
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
@@ -93,28 +138,23 @@ def main() -> None:
             )
         results = []
         for count in args.images:
-            cmd = [
-                sys.executable,
-                __file__,
-                "--worker",
-                str(model),
-                "--images",
-                str(count),
-                "--batch",
-                str(args.batch),
-            ]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        fits = results[-1]["fits"]
-        ops = sorted({op for op, _, _ in fits.values()})
-        errs = [e for _, e, _ in fits.values()]
-        print(
-            f"{len(fits)} activation(s) fitted ({', '.join(ops)}); fit error {min(errs):.3f}..{max(errs):.3f}"
-        )
-        print("| images | batches | calibrate s | peak RSS MiB |")
-        print("| ---: | ---: | ---: | ---: |")
+            for mode in args.modes:
+                cmd = [sys.executable, __file__, "--worker", str(model), "--images", str(count),
+                       "--batch", str(args.batch), "--modes", mode]  # fmt: skip
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         for r in results:
-            print(f"| {r['images']} | {r['batches']} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
+            if "fits" in r:
+                errs = [e for _, e, _ in r["fits"].values()]
+                print(f"calibrate, {r['images']} images: {len(errs)} activation(s) fitted, fit error "
+                      f"{min(errs):.3f}..{max(errs):.3f}")  # fmt: skip
+            if "calibration" in r:
+                print(f"fuse, {r['images']} images: {r['collapsed']} site(s) collapsed, worst output rel_l2 "
+                      f"{r['worst_rel_l2']:.3g}; {json.dumps(r['calibration'])}")  # fmt: skip
+        print("| images | what | seconds | peak RSS MiB |")
+        print("| ---: | --- | ---: | ---: |")
+        for r in results:
+            print(f"| {r['images']} | {r['mode']} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
 
 
 if __name__ == "__main__":

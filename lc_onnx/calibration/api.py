@@ -16,6 +16,7 @@ from lc_onnx.calibration import data as data_mod
 from lc_onnx.calibration import fits as fits_mod
 from lc_onnx.calibration import stats as stats_mod
 from lc_onnx.calibration.fits import Calibration
+from lc_onnx.calibration.least_squares import fuse_blocks
 from lc_onnx.calibration.select import Budget, Metric, Selection, select
 from lc_onnx.errors import UserError
 from lc_onnx.graph import pipeline
@@ -26,6 +27,7 @@ from lc_onnx.model import io
 log = logging.getLogger(__name__)
 
 ModelLike = str | os.PathLike | onnx.ModelProto
+FIT_METHODS = ("block", "channel")
 
 
 def calibrate(
@@ -79,9 +81,19 @@ def fuse_calibrated(
     metric: Metric | None = None,
     max_drop: float | None = None,
     calib_batches: int | None = None,
+    fit_method: str | None = None,
+    blocks: int | None = None,
+    gate_given: bool = True,
+    progress: bool = False,
 ):
     """Fit (or reuse `fits`), choose the sites within the budget on held-out feeds, then fuse with the
-    chosen fits and verify on the held-out feeds. Of `options`, `output`, `max_error`, `max_abs_error`,
+    chosen fits and verify on the held-out feeds.
+
+    `fit_method` `"block"` (the default with `data` and no `fits`) replaces whole blocks by their
+    least-squares linear maps (`least_squares`): `blocks` of them, the best by held-out error, or as many
+    as keep the budget; with `blocks`, `max_error` gates the result only when `gate_given`. `"channel"`
+    (the default with `fits`) fits each activation per channel, as below. `progress`: progress bars on
+    a terminal. Of `options`, `output`, `max_error`, `max_abs_error`,
     `verify`, `allow_growth` and `input_shapes` are used. Returns the `FuseResult` whose report carries, per site,
     `calibration: {step: {op, fit_error, estimated_error, measured_error, decision, reason}}`."""
     if (metric is None) != (max_drop is None):
@@ -90,7 +102,25 @@ def fuse_calibrated(
     if max_error < 0 or (max_drop is not None and max_drop < 0):
         raise UserError("{max_error} and {max_drop} must be >= 0", params=["max_error", "max_drop"])
     _check_batches(calib_batches)
+    method = fit_method or ("channel" if fits is not None else "block")
+    if method not in FIT_METHODS:
+        raise UserError(f"{{fit_method}} {method!r}: expected one of {', '.join(FIT_METHODS)}",
+                        params=["fit_method"])  # fmt: skip
+    if method == "block" and fits is not None:
+        raise UserError("{fits} are per-channel fits: use them with {fit_method} channel",
+                        params=["fits", "fit_method"])  # fmt: skip
+    if blocks is not None and (method != "block" or blocks < 1):
+        raise UserError("{blocks} must be >= 1 and goes with {fit_method} block",
+                        params=["blocks", "fit_method"])  # fmt: skip
+    if method == "block" and data is None:
+        raise UserError("the least-squares fit needs calibration {data}", params=["data"])
     loaded = io.as_loaded(model)
+    budget = Budget(max_error=max_error, max_abs_error=max_abs_error, metric=metric, max_drop=max_drop)
+    if method == "block":
+        passes = data_mod.Passes(data, data_mod.input_specs(loaded.proto), calib_batches)
+        return fuse_blocks(
+            loaded, options, passes, budget, blocks=blocks, gate_given=gate_given, progress=progress
+        )
     held: list = []
     if data is not None:
         stream, held = data_mod.fit_and_held(data, data_mod.input_specs(loaded.proto), calib_batches)
@@ -109,7 +139,6 @@ def fuse_calibrated(
             "{calib_batches}",
             params=["calib_batches"],
         )
-    budget = Budget(max_error=max_error, max_abs_error=max_abs_error, metric=metric, max_drop=max_drop)
     if held or metric is not None:
         selection = select(loaded, calibration, held, budget, allow_growth=options.allow_growth)
         chosen = calibration.affines(selection.accepted)

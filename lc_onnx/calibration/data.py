@@ -143,7 +143,43 @@ def fit_and_held(
     return feeds(data, specs), held
 
 
-def split(stream: Iterator[Feed], fit_batches: int | None) -> tuple[Iterator[Feed], list[Feed]]:
+class Passes:
+    """The feeds to fit on, to be read once or more, and the held-out feeds (in memory).
+
+    `fit()` streams the fit feeds; the first call also fills `held` (read it after the stream ends).
+    Later calls read the data again where it can be: a list or other re-iterable, text, a reader with
+    `rewind()`, the command line's `.npz` files and `file.py:function` (called again); `replayable` says
+    whether it can.
+    """
+
+    def __init__(self, data: Any, specs: Mapping[str, InputSpec], fit_batches: int | None) -> None:
+        self.data, self.specs, self.fit_batches = data, specs, fit_batches
+        self.held: list[Feed] = []
+        self.reads = 0
+        self.replayable = (
+            isinstance(data, text.TextData)
+            or callable(getattr(data, "rewind", None))
+            or (isinstance(data, Iterable) and iter(data) is not data and not hasattr(data, "get_next"))
+        )
+
+    def fit(self) -> Iterator[Feed]:
+        if self.reads and not self.replayable:
+            raise AssertionError("the calibration data can be read only once")
+        if self.reads and callable(getattr(self.data, "rewind", None)):
+            self.data.rewind()
+        first = self.reads == 0
+        self.reads += 1
+        if first:
+            stream, self.held = fit_and_held(self.data, self.specs, self.fit_batches)
+            return stream
+        if isinstance(self.data, text.TextData):
+            return feeds(self.data, self.specs)
+        return split(feeds(self.data, self.specs), self.fit_batches, keep_held=False)[0]
+
+
+def split(
+    stream: Iterator[Feed], fit_batches: int | None, *, keep_held: bool = True
+) -> tuple[Iterator[Feed], list[Feed]]:
     """Cut a stream into feeds to fit on (streamed) and held-out feeds (kept, for selection).
 
     With `fit_batches` N the first N feeds are fitted and the next ones held out; without it every fourth
@@ -151,17 +187,22 @@ def split(stream: Iterator[Feed], fit_batches: int | None) -> tuple[Iterator[Fee
     fills while the fit iterator is consumed.
     """
     held: list[Feed] = []
+    count = 0  # held-out feeds seen
 
     def fit() -> Iterator[Feed]:
+        nonlocal count
         for i, feed in enumerate(stream):
             if fit_batches is not None and i >= fit_batches:
-                if len(held) >= MAX_HELD_OUT:
+                if count >= MAX_HELD_OUT:
                     return
-                held.append(feed)
-            elif fit_batches is None and i % 4 == 3 and len(held) < MAX_HELD_OUT:
-                held.append(feed)
+                count += 1
+            elif fit_batches is None and i % 4 == 3 and count < MAX_HELD_OUT:
+                count += 1
             else:
                 yield feed
+                continue
+            if keep_held:
+                held.append(feed)
 
     return fit(), held
 
@@ -215,18 +256,28 @@ def from_spec(
         files = sorted(path.glob("*.npz"))
         if not files:
             raise UserError(f"{{data}} {spec}: no .npz files in this directory", params=["data"])
-        return _npz_feeds(files)
+        return _Replay(lambda: _npz_feeds(files))
     if path.suffix == ".npz":
         if not path.is_file():
             raise UserError(f"{{data}} {spec}: no such file", params=["data"])
-        return _npz_feeds([path])
+        return _Replay(lambda: _npz_feeds([path]))
     if ":" not in spec:
         raise UserError(
             f"{{data}} {spec}: no such file or directory (expected FILE.py:FUNCTION, DIR or FILE.npz)",
             params=["data"],
         )
     fn = load_callable(spec, "data")
-    return _guarded(fn, spec)
+    return _Replay(lambda: _guarded(fn, spec))
+
+
+class _Replay:
+    """Data that can be read again: each iteration starts a new stream from `make()`."""
+
+    def __init__(self, make: Callable[[], Iterator[Any]]) -> None:
+        self.make = make
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.make()
 
 
 def _guarded(fn: Callable[[], Any], spec: str) -> Iterator[Any]:

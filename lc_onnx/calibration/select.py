@@ -97,11 +97,22 @@ def candidates(loaded: io.LoadedModel, calibration: Calibration) -> list[Trial]:
     return trials
 
 
-class _Measurer:
-    """Runs candidate models on the held-out feeds against the original's outputs (computed once)."""
+class Measurer:
+    """Runs candidate models on the held-out feeds against the original's outputs (computed once).
 
-    def __init__(self, loaded: io.LoadedModel, feeds: Sequence[Feed], budget: Budget, allow_growth: bool):
+    With `mask` (the model input that marks padding), outputs whose leading dims are the mask's are
+    compared at its non-zero positions only: what a model computes at padding is read by no one."""
+
+    def __init__(
+        self,
+        loaded: io.LoadedModel,
+        feeds: Sequence[Feed],
+        budget: Budget,
+        allow_growth: bool,
+        mask: str | None = None,
+    ):
         self.loaded, self.feeds, self.budget, self.allow_growth = loaded, list(feeds), budget, allow_growth
+        self.mask = mask
         original = runtime.session(loaded.proto, base_dir=loaded.base_dir)
         self.names = [o.name for o in original.get_outputs()]
         self.reference = [self._run(original, f) for f in self.feeds] if budget.metric is None else []
@@ -117,13 +128,23 @@ class _Measurer:
             ) from None
 
     def _run(self, session, feed: Feed) -> dict[str, np.ndarray]:
-        return runtime.run(session, feed, self.names, on="the calibration data")
+        outputs = runtime.run(session, feed, self.names, on="the calibration data")
+        if self.mask is None:
+            return outputs
+        keep = np.asarray(feed[self.mask]) != 0
+        return {
+            name: value[keep] if value.shape[: keep.ndim] == keep.shape else value
+            for name, value in outputs.items()
+        }
 
-    def measure(self, fits: Mapping) -> tuple[Verification, float | None, list[str]]:
-        """The candidate with `fits`: its output errors, its metric (with a metric budget) and the nodes
-        of the sites that collapsed."""
+    def measure(
+        self, fits: Mapping, block_fits: Mapping | None = None
+    ) -> tuple[Verification, float | None, list[str]]:
+        """The candidate with `fits` (and `block_fits`): its output errors, its metric (with a metric
+        budget) and the nodes of the sites that collapsed."""
         rewritten = collapse_graph(
-            self.loaded, FuseOptions(threshold=0.0, allow_growth=self.allow_growth, fits=fits)
+            self.loaded,
+            FuseOptions(threshold=0.0, allow_growth=self.allow_growth, fits=fits, block_fits=block_fits),
         )
         collapsed = [n for s in rewritten.sites if s.decision == "collapsed" for n in s.nodes]
         proto = rewritten.proto if rewritten.proto is not None else self.loaded.proto
@@ -132,6 +153,39 @@ class _Measurer:
             return Verification(), self._metric(session), collapsed
         actual = [self._run(session, f) for f in self.feeds]
         return output_errors(self.names, self.reference, actual), None, collapsed
+
+
+def judge(
+    budget: Budget, base: Verification, reference_metric: float | None
+) -> Callable[[Verification, float | None], tuple[bool, str]]:
+    """`within(verification, metric) -> (ok, why)`: whether a measured candidate keeps the budget. The
+    exact-only model's (`base`) float rounding is always allowed."""
+
+    def within(verification: Verification, metric: float | None) -> tuple[bool, str]:
+        if budget.metric is not None:
+            drop = reference_metric - metric
+            return (
+                drop <= budget.max_drop,
+                f"metric {metric:.6g} (drop {drop:.3g}, max_drop {budget.max_drop:g})",
+            )
+        limit = max(budget.max_error, base.worst_rel_l2)
+        abs_limit = None if budget.max_abs_error is None else max(budget.max_abs_error, base.worst_max_abs)
+        breach = verification.breach(limit, abs_limit)
+        if breach is not None:
+            return False, f"measured {breach}"
+        measured = f"measured output error {verification.worst_rel_l2:.3g} <= max_error {budget.max_error:g}"
+        if abs_limit is not None:
+            measured += (
+                f", max abs {verification.worst_max_abs:.3g} <= max_abs_error {budget.max_abs_error:g}"
+            )
+        return True, measured
+
+    return within
+
+
+def score(verification: Verification, metric: float | None) -> float:
+    """Lower is better: the worst output's relative L2 error, or the metric negated."""
+    return -metric if metric is not None else verification.worst_rel_l2
 
 
 def select(
@@ -144,29 +198,11 @@ def select(
 ) -> Selection:
     """Accept the fits whose sites keep the model within `budget` on `feeds` (see the module docstring)."""
     trials = candidates(loaded, calibration)
-    measurer = _Measurer(loaded, feeds, budget, allow_growth)
+    measurer = Measurer(loaded, feeds, budget, allow_growth)
     base, base_metric, _ = measurer.measure({})
     selection = Selection(set(), trials, base, budget, measurer.reference_metric)
 
-    def within(verification: Verification, metric: float | None) -> tuple[bool, str]:
-        if budget.metric is not None:
-            drop = measurer.reference_metric - metric
-            return (
-                drop <= budget.max_drop,
-                f"metric {metric:.6g} (drop {drop:.3g}, max_drop {budget.max_drop:g})",
-            )
-        # The exact-only model's float rounding is always allowed.
-        limit = max(budget.max_error, base.worst_rel_l2)
-        abs_limit = None if budget.max_abs_error is None else max(budget.max_abs_error, base.worst_max_abs)
-        breach = verification.breach(limit, abs_limit)
-        if breach is not None:
-            return False, f"measured {breach}"
-        measured = f"measured output error {verification.worst_rel_l2:.3g} <= max_error {budget.max_error:g}"
-        if abs_limit is not None:
-            measured += (
-                f", max abs {verification.worst_max_abs:.3g} <= max_abs_error {budget.max_abs_error:g}"
-            )
-        return True, measured
+    within = judge(budget, base, measurer.reference_metric)
 
     def affines(keys) -> dict:
         return calibration.affines(keys)

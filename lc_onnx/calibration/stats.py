@@ -15,6 +15,7 @@ layers' outputs `z` is accumulated too.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from lc_onnx.calibration.data import Feed
 from lc_onnx.graph.constant_eval import Constants
 from lc_onnx.graph.sites import Site
 from lc_onnx.graph.steps import Step, StepKind
+from lc_onnx.graph.verify import Side
 from lc_onnx.model import io, runtime
 
 log = logging.getLogger(__name__)
@@ -150,9 +152,24 @@ def collect(loaded: io.LoadedModel, probes: Sequence[Probe], feeds: Iterable[Fee
     stats = Statistics({p.key: p for p in probes}, {p.key: Moments(p.channels) for p in probes}, {})
     names = list(dict.fromkeys([t for p in probes for t in (p.input, p.output, *p.consumer_outputs)]))
     stats.energy = {name: 0.0 for p in probes for name in p.consumer_outputs}
-    session = (
-        runtime.session(io.with_outputs(loaded.proto, names), base_dir=loaded.base_dir) if probes else None
-    )
+    with contextlib.ExitStack() as stack:
+        session = _session(loaded, names, stack) if probes else None
+        _accumulate(stats, session, names, feeds)
+    log.info("calibration statistics: %d probe(s) over %d batch(es)", len(probes), stats.batches)
+    return stats
+
+
+def _session(loaded: io.LoadedModel, names: Sequence[str], stack: contextlib.ExitStack):
+    """A session of the model with `names` as extra outputs; a model read from a file is run from a
+    hidden copy beside it, so onnxruntime reads the weights from the files itself (given memory-mapped
+    arrays it copies them)."""
+    side = Side(str(loaded.path)) if loaded.path is not None else Side(loaded.proto, loaded.base_dir)
+    edited = stack.enter_context(side.edited(lambda proto: io.add_outputs(proto, names)))
+    return runtime.session(edited.source, base_dir=edited.base_dir)
+
+
+def _accumulate(stats: Statistics, session, names: Sequence[str], feeds: Iterable[Feed]) -> None:
+    probes = stats.probes.values()
     for feed in feeds:
         stats.batches += 1
         if session is None:
@@ -169,5 +186,3 @@ def collect(loaded: io.LoadedModel, probes: Sequence[Probe], feeds: Iterable[Fee
             z = np.asarray(values[name], dtype=np.float64)
             stats.energy[name] += float(np.vdot(z, z))
         del values
-    log.info("calibration statistics: %d probe(s) over %d batch(es)", len(probes), stats.batches)
-    return stats

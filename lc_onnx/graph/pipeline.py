@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -297,10 +297,11 @@ def collapse_graph(loaded: io.LoadedModel, options: FuseOptions) -> Rewritten:
     reports: list[SiteReport] = []
     skipped: list[SiteReport] = []
     probes: list[verify.Probe] = []
+    inexact: dict[str, Kind] = {}  # outputs of layers written by collapses that are not exact
     changed = False
     for _ in range(MAX_ROUNDS):
         decisions = decide(list(finder.sites()), constants, options)
-        collapses = [d for d in decisions if isinstance(d, CollapsePlan)]
+        collapses = [_inherit(d, inexact) for d in decisions if isinstance(d, CollapsePlan)]
         skipped = [_skip_report(d, constants) for d in decisions if isinstance(d, Skip)]
         if not collapses:
             break
@@ -315,6 +316,18 @@ def collapse_graph(loaded: io.LoadedModel, options: FuseOptions) -> Rewritten:
     rewrite.restore_sparse(new, proto)
     written = {out for node in new.graph.node for out in node.output}
     return Rewritten(new, reports + skipped, [p for p in probes if p.tensor in written])
+
+
+def _inherit(plan: CollapsePlan, inexact: dict[str, Kind]) -> CollapsePlan:
+    """A collapse that takes in a layer an earlier inexact collapse wrote is no more exact than that one
+    (its own check against the original could only fail); its new layers are recorded likewise."""
+    layers = [*plan.chain, *(h.layer for h in plan.heads)]
+    earlier = [inexact[layer.output.name] for layer in layers if layer.output.name in inexact]
+    if plan.kind is Kind.EXACT and earlier:
+        plan = replace(plan, kind=earlier[0])
+    if plan.kind is not Kind.EXACT:
+        inexact.update({h.layer.output.name: plan.kind for h in plan.heads})
+    return plan
 
 
 def _probes(plan: CollapsePlan, site: int, constants: Constants) -> list[verify.Probe]:

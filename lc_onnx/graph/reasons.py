@@ -17,6 +17,7 @@ class Kind(str, Enum):
     EXACT = "exact"  # every step exactly linear
     NEAR_LINEAR = "near_linear"  # slopes within the threshold, taken as 1
     FITTED = "fitted"  # calibration fits applied
+    LEAST_SQUARES = "least_squares"  # the whole site replaced by its least-squares linear map
     # skipped
     NOT_LINEAR = "not_linear"  # an activation that is not (close enough to) linear
     PARAMETER_GROWTH = "parameter_growth"  # the collapse would not reduce the parameters

@@ -115,6 +115,7 @@ class Report:
     macs_not_counted_before: list[str] = field(default_factory=list)
     macs_not_counted_after: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    calibration: dict[str, Any] = field(default_factory=dict)  # what a calibrated fuse did, as a whole
 
     @property
     def collapsed(self) -> list[SiteReport]:
@@ -137,6 +138,8 @@ class Report:
             }
         if self.warnings:
             data["warnings"] = self.warnings
+        if self.calibration:
+            data["calibration"] = self.calibration
         return data
 
     def to_json(self) -> str:

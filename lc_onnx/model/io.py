@@ -140,6 +140,36 @@ def with_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
     return out
 
 
+def keep_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> None:
+    """Make the tensors `names` the graph's only outputs, in place, and drop the nodes and initializers
+    that do not lead to them (so onnxruntime computes, and loads, only what they need)."""
+    graph = proto.graph
+    declared = {o.name: o for o in graph.output}
+    needed = set(names)
+    kept = []
+    for node in reversed(graph.node):
+        if any(out in needed for out in node.output):
+            kept.append(node)
+            needed.update(_reads(node))
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    initializers = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    outputs = [declared.get(name) or onnx.ValueInfoProto(name=name) for name in dict.fromkeys(names)]
+    del graph.output[:]
+    graph.output.extend(outputs)
+
+
+def _reads(node: onnx.NodeProto) -> Iterator[str]:
+    """The tensors a node reads, those its subgraphs read from the outer scope included."""
+    yield from node.input
+    for attr in node.attribute:
+        for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+            for inner in sub.node:
+                yield from _reads(inner)
+
+
 def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     """Every TensorProto of the model: initializers and tensor attributes, subgraphs and functions included."""
     yield from _graph_tensors(model.graph)

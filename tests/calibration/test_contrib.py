@@ -75,7 +75,7 @@ def test_contrib_activations_are_sites_that_calibration_fits(name):
     calibration = lc_onnx.calibrate(model, data)
     (key,) = calibration.fits
     assert calibration.fits[key].op == expected and 0 < calibration.fits[key].fit_error < 1
-    result = lc_onnx.fuse(model, data=data, max_error=1.0)
+    result = lc_onnx.fuse(model, data=data, fit_method="channel", max_error=1.0)
     assert result.collapsed == 1 and result.report.sites[0].reason_kind == "fitted"
     assert [n.op_type for n in result.model.graph.node] == ["MatMul", "Add"]
     held_out = data[3::4]  # every fourth feed is held out, for the selection and the verification

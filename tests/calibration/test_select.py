@@ -41,7 +41,7 @@ def test_prelu_slopes_outside_the_rule_collapse_within_the_budget():
     data = feeds(model, 8, rows=32)
     # The 0.05 slope rule leaves this site alone.
     assert lc_onnx.fuse(model, threshold=0.05).collapsed == 0
-    result = lc_onnx.fuse(model, data=data, max_error=0.05)
+    result = lc_onnx.fuse(model, data=data, fit_method="channel", max_error=0.05)
     assert result.collapsed == 1 and op_types(result.model) == ["Gemm"]
     [site] = result.report.sites
     entry = site.extra["calibration"]["act0"]
@@ -56,16 +56,18 @@ def test_prelu_slopes_outside_the_rule_collapse_within_the_budget():
 def test_max_abs_budget_is_measured_on_every_element():
     model = mlp([SLOPES], [16, 64, 16])
     data = feeds(model, 8, rows=32)
-    loose = lc_onnx.fuse(model, data=data, max_error=0.05)
+    loose = lc_onnx.fuse(model, data=data, fit_method="channel", max_error=0.05)
     worst_abs = max(
         float(np.max(np.abs(ort_outputs(loose.model, f)[0] - ort_outputs(model, f)[0])))
         for f in held_out(data)
     )
     assert worst_abs > 0
-    tight = lc_onnx.fuse(model, data=data, max_error=0.05, max_abs_error=worst_abs / 2)
+    tight = lc_onnx.fuse(model, data=data, fit_method="channel", max_error=0.05, max_abs_error=worst_abs / 2)
     assert tight.collapsed == 0
     assert "max abs error" in tight.report.sites[0].extra["calibration"]["act0"]["reason"]
-    enough = lc_onnx.fuse(model, data=data, max_error=0.05, max_abs_error=worst_abs * 1.01)
+    enough = lc_onnx.fuse(
+        model, data=data, fit_method="channel", max_error=0.05, max_abs_error=worst_abs * 1.01
+    )
     assert enough.collapsed == 1
     assert enough.report.verification.worst_max_abs == pytest.approx(worst_abs, rel=1e-5)
 
@@ -73,7 +75,7 @@ def test_max_abs_budget_is_measured_on_every_element():
 def test_budget_zero_collapses_only_exactly_linear_sites():
     model = mlp([1.0, SLOPES32, "Gelu"], [32] * 5)
     data = feeds(model, 8, rows=32)
-    result = lc_onnx.fuse(model, data=data, max_error=0.0)
+    result = lc_onnx.fuse(model, data=data, fit_method="channel", max_error=0.0)
     assert collapsed_steps(result.report) == ["act0"]
     assert all(s.extra["exact"] for s in result.report.collapsed)
     skipped = {s.activation: s.reason for s in result.report.sites if s.decision == "skipped"}
@@ -84,7 +86,7 @@ def test_budget_zero_collapses_only_exactly_linear_sites():
 
 def test_greedy_keeps_cheap_sites_and_rejects_costly_ones():
     model = mlp([SLOPES32, "Gelu"], [32] * 4)
-    result = lc_onnx.fuse(model, data=feeds(model, 8, rows=32), max_error=0.08)
+    result = lc_onnx.fuse(model, data=feeds(model, 8, rows=32), fit_method="channel", max_error=0.08)
     by_act = {s.activation: s for s in result.report.sites}
     assert by_act["PRelu"].decision == "collapsed" and by_act["Gelu"].decision == "skipped"
     gelu = by_act["Gelu"].extra["calibration"]["act1"]
@@ -102,7 +104,7 @@ def test_fits_beat_the_slope_rule_at_an_equal_budget():
     rule_error = measured(model, rule.model, check)
     assert collapsed_steps(rule.report) == ["act0", "act1"] and rule_error > 0
 
-    calibrated = lc_onnx.fuse(model, data=data, max_error=rule_error)
+    calibrated = lc_onnx.fuse(model, data=data, fit_method="channel", max_error=rule_error)
     assert len(collapsed_steps(calibrated.report)) >= 2
     assert measured(model, calibrated.model, check) <= rule_error
 
@@ -122,7 +124,7 @@ def test_metric_budget(tmp_path):
     def agreement(run) -> float:  # higher is better: 1 - relative error on a fixed probe batch
         return 1.0 - rel_l2(run(probe)["fc2_out"], reference)
 
-    result = lc_onnx.fuse(model, data=data, metric=agreement, max_drop=0.08)
+    result = lc_onnx.fuse(model, data=data, fit_method="channel", metric=agreement, max_drop=0.08)
     by_act = {s.activation: s for s in result.report.sites}
     assert by_act["PRelu"].decision == "collapsed" and by_act["Gelu"].decision == "skipped"
     assert 1.0 - agreement(lambda f: {"fc2_out": ort_outputs(result.model, f)[0]}) <= 0.08

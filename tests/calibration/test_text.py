@@ -93,14 +93,16 @@ def test_text_data_feeds_the_model_from_its_tokenizer_and_holds_out_lines_by_crc
         len(held) / text.BATCH
     )  # verified on the held-out lines
     (site,) = report["sites"]
-    assert site["decision"] == "collapsed" and site["reason_kind"] == "fitted"
-    assert site["calibration"]["act"]["op"] == "Relu"
-    # The feeds are the tokenizer's: the longest held-out batch sets the sequence length.
-    longest = max(
-        len(transformers.AutoTokenizer.from_pretrained(tokenizer_dir)(line)["input_ids"]) for line in held
-    )
-    assert report["verification"]["feed_shapes"]["input_ids"][1] == longest
-    assert report["verification"]["feed_shapes"]["attention_mask"][1] == longest
+    assert site["decision"] == "collapsed" and site["reason_kind"] == "least_squares"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokens = {line: len(tokenizer(line)["input_ids"]) for line in [*train, *held]}
+    # Padding never enters a fit: the rows fitted are the training lines' real tokens.
+    assert site["least_squares"]["rows"] == sum(tokens[line] for line in train)
+    # The feeds are the tokenizer's, lines batched by length: the first held-out batch is padded to the
+    # longest of the shortest 32 held-out lines.
+    shortest = sorted(tokens[line] for line in held)[: text.BATCH]
+    assert report["verification"]["feed_shapes"]["input_ids"][1] == max(shortest)
+    assert report["verification"]["feed_shapes"]["attention_mask"][1] == max(shortest)
 
 
 def test_calibrate_fits_on_the_lines_not_held_out(tmp_path, corpus, tokenizer_dir, capsys):

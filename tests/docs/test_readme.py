@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import onnx
 import pytest
 
 from lc_onnx import cli
@@ -55,7 +56,7 @@ def test_readme_fuse_and_calibration_commands_run(tmp_path, monkeypatch):
     fuse, calibrate, _ = _usage_blocks()
     lines = commands(fuse) + commands(calibrate)
     assert [argv[:2] for argv in lines] == [
-        ["lc-onnx", "demo"], ["lc-onnx", "inspect"], ["lc-onnx", "fuse"], ["lc-onnx", "calibrate"], ["lc-onnx", "fuse"],
+        ["lc-onnx", "demo"], ["lc-onnx", "inspect"], ["lc-onnx", "fuse"], ["lc-onnx", "fuse"], ["lc-onnx", "calibrate"],
     ]  # fmt: skip
     (tmp_path / "calibration").symlink_to(ROOT / "calibration")
     monkeypatch.chdir(tmp_path)
@@ -64,6 +65,9 @@ def test_readme_fuse_and_calibration_commands_run(tmp_path, monkeypatch):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["params_after"] < report["params_before"]
     assert {"demo.collapsed.onnx", "fits.json", "calibrated.onnx"} <= {p.name for p in tmp_path.iterdir()}
+    # --blocks 2: both fitted blocks replaced, every MLP gone
+    ops = {node.op_type for node in onnx.load(tmp_path / "calibrated.onnx").graph.node}
+    assert not ops & {"Gelu", "Erf", "PRelu"}, ops
 
 
 def test_readme_finetune_command_runs(tmp_path, monkeypatch, capsys):

@@ -1,0 +1,213 @@
+"""The least-squares block fit through the calibrated fuse: an exactly linear block is recovered, padding
+never enters a fit, memory does not grow with the data, in order against all on the original, and bad
+input is one line with exit 2."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tracemalloc
+
+import numpy as np
+import onnx
+import pytest
+
+import lc_onnx
+from lc_onnx import cli
+from lc_onnx.calibration import blockfit
+from lc_onnx.graph.verify import Side
+from lc_onnx.model import io
+from lc_onnx.testing import GraphBuilder, ort_outputs, rel_l2
+
+D, H = 8, 32
+
+
+def residual_block(g: GraphBuilder, x: str, name: str, act: str, positive: bool = False) -> str:
+    """`x + fc2(act(fc1(x)))`; `positive`: fc1's weights and bias are positive (ReLU on positive x is
+    then exactly linear)."""
+    w1 = np.abs(g.random((D, H), 0.3)) if positive else g.random((D, H), 0.5)
+    b1 = np.abs(g.random((H,), 0.1)) if positive else g.random((H,), 0.1)
+    h = g.node("Add", [g.node("MatMul", [x, g.init(f"{name}.fc1.w", w1)]), g.init(f"{name}.fc1.b", b1)])
+    h = g.node(act, [h], name=f"{name}.act")
+    y = g.matmul(h, H, D, name=f"{name}.fc2")
+    return g.node("Add", [x, y], name=f"{name}.residual")
+
+
+def mlp_model(acts: list[str], positive: bool = False) -> onnx.ModelProto:
+    g = GraphBuilder(seed=3)
+    x = g.input("x", ["N", 4, D])
+    for i, act in enumerate(acts):
+        x = residual_block(g, x, f"b{i}", act, positive)
+    g.output(g.node("Identity", [x], name="out"), ["N", 4, D])
+    return g.model(opset=20)  # Gelu is an op from opset 20
+
+
+def positive_feeds(n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.uniform(0.1, 2.0, (8, 4, D)).astype(np.float32)} for _ in range(n)]
+
+
+def normal_feeds(n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.normal(size=(8, 4, D)).astype(np.float32)} for _ in range(n)]
+
+
+def test_an_exactly_linear_block_is_recovered_to_float_precision():
+    model = mlp_model(["Relu"], positive=True)
+    result = lc_onnx.fuse(model, data=positive_feeds(8), blocks=1)
+    (site,) = result.report.sites
+    assert site.decision == "collapsed" and site.reason_kind == "least_squares"
+    entry = site.extra["least_squares"]
+    assert entry["rows"] == 6 * 8 * 4 and entry["held_out_rows"] == 2 * 8 * 4  # every 4th feed held out
+    assert entry["held_out_error"] < 1e-5 and entry["order"] == 1
+    assert [n.op_type for n in result.model.graph.node] == ["MatMul", "Add", "Add", "Identity"]
+    fresh = positive_feeds(2, seed=9)[0]
+    assert rel_l2(ort_outputs(result.model, fresh)[0], ort_outputs(model, fresh)[0]) < 1e-5
+
+
+def token_model(mask_name: str) -> onnx.ModelProto:
+    """ids -> embedding -> fc1 (positive) -> Relu -> fc2: real tokens (ids >= 1) embed positive, the
+    padding id 0 negative, so the block is exactly linear on real tokens and not at padding."""
+    g = GraphBuilder(seed=1)
+    ids = g.input("input_ids", ["N", "T"], onnx.TensorProto.INT64)
+    g.input(mask_name, ["N", "T"], onnx.TensorProto.INT64)  # unused by the graph, as HF masks often are
+    table = np.abs(g.random((20, D))) + 0.1
+    table[0] = -5.0
+    x = g.node("Gather", [g.init("embedding", table), ids])
+    h = g.node("Add", [g.node("MatMul", [x, g.init("fc1.w", np.abs(g.random((D, H), 0.3)))]),
+                       g.init("fc1.b", np.zeros(H))])  # fmt: skip
+    g.output(g.matmul(g.node("Relu", [h], name="act"), H, D, name="fc2"), ["N", "T", D])
+    return g.model()
+
+
+def token_feeds(mask_name: str, n: int = 8) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    feeds = []
+    for _ in range(n):
+        lengths = rng.integers(2, 10, size=4)
+        mask = (np.arange(10)[None, :] < lengths[:, None]).astype(np.int64)
+        ids = np.where(mask == 1, rng.integers(1, 20, size=(4, 10)), 0)
+        feeds.append({"input_ids": ids, mask_name: mask})
+    return feeds
+
+
+def test_padding_never_enters_a_fit():
+    masked = lc_onnx.fuse(token_model("attention_mask"), data=token_feeds("attention_mask"), blocks=1)
+    entry = masked.report.sites[0].extra["least_squares"]
+    real = sum(
+        int(f["attention_mask"].sum()) for i, f in enumerate(token_feeds("attention_mask")) if i % 4 != 3
+    )
+    assert entry["rows"] == real < 6 * 4 * 10  # the real tokens of the fit feeds only
+    assert entry["held_out_error"] < 1e-5  # linear on real tokens: exact
+    # The same data with the mask under a name that marks no padding: the padding rows change the fit.
+    unmasked = lc_onnx.fuse(token_model("segment"), data=token_feeds("segment"), blocks=1)
+    other = unmasked.report.sites[0].extra["least_squares"]
+    assert other["rows"] == 6 * 4 * 10 and other["held_out_error"] > 1e-3
+
+
+def test_the_sums_memory_does_not_grow_with_the_number_of_feeds():
+    loaded = io.from_proto(mlp_model(["Gelu", "Gelu"]))
+    found = blockfit.blocks(loaded)
+    assert len(found) == 2
+
+    def peak(n: int) -> tuple[int, int]:
+        def stream():
+            rng = np.random.default_rng(0)
+            for _ in range(n):
+                yield {"x": rng.normal(size=(1024, 4, D)).astype(np.float32)}
+
+        tracemalloc.start()
+        sums = blockfit.collect(Side(loaded.proto), None, found, stream(), [], None, lambda f, _: f)
+        top = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return top, sums[found[0].key].fitted.n
+
+    peak(1)  # the first session's one-off allocations
+    (small, rows_small), (large, rows_large) = peak(5), peak(50)
+    assert rows_large == 10 * rows_small == 10 * 5 * 1024 * 4
+    assert large < 1.1 * small, (small, large)  # one feed's activations and the sums, whatever the data
+
+
+def test_in_order_and_on_the_original_are_both_measured_and_the_better_is_used():
+    model = mlp_model(["Gelu", "Gelu", "Gelu"])
+    result = lc_onnx.fuse(model, data=normal_feeds(16), blocks=3)
+    calibration = result.report.calibration
+    scores = calibration["held_out_score"]
+    assert set(scores) == {"original", "in order"}
+    assert calibration["fitted_on"] == min(scores, key=lambda k: (scores[k], k != "in order"))
+    assert calibration["blocks"] == 3 == result.collapsed
+    assert sorted(s.extra["least_squares"]["order"] for s in result.report.sites) == [1, 2, 3]
+    # The report's verification is the held-out feeds' outputs: the chosen way's score.
+    assert result.report.verification.outputs["out_out"].rel_l2 == pytest.approx(
+        scores[calibration["fitted_on"]], rel=1e-6
+    )
+
+
+def test_without_blocks_the_budget_chooses(tmp_path):
+    model = mlp_model(["Gelu", "Relu"])
+    tight = lc_onnx.fuse(model, data=normal_feeds(16), max_error=1e-6)
+    assert tight.collapsed == 0 and all(s.reason_kind == "fit_rejected" for s in tight.report.sites)
+    loose = lc_onnx.fuse(model, data=normal_feeds(16), max_error=10.0)
+    assert loose.collapsed == 2
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--blocks", "3"], "--blocks 3: the model has 2 block(s) a least-squares fit can replace"),
+        (["--blocks", "0"], "--blocks must be >= 1"),
+        (["--fit-method", "block", "--fits", "FITS"], "--fits are per-channel fits: use them with --fit-method channel"),
+        (["--fit-method", "channel", "--blocks", "1"], "--blocks must be >= 1 and goes with --fit-method block"),
+    ],
+)  # fmt: skip
+def test_bad_block_options_are_one_line_and_exit_2(tmp_path, capsys, extra, message):
+    model = tmp_path / "m.onnx"
+    onnx.save(mlp_model(["Gelu", "Gelu"]), model)
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, feed in enumerate(normal_feeds(8)):
+        np.savez(data / f"{i:02d}.npz", **feed)
+    before = _digest(model)
+    extra = [str(tmp_path / "fits.json") if a == "FITS" else a for a in extra]
+    if "--fits" in extra:
+        assert cli.main(["calibrate", str(model), "--data", str(data), "-o", extra[-1]]) == 0
+        capsys.readouterr()
+    out = tmp_path / "out.onnx"
+    assert cli.main(["fuse", str(model), "--data", str(data), "-o", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err, err
+    assert not out.exists() and _digest(model) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["m.onnx", "data", *(["fits.json"] if "--fits" in extra else [])]
+    )
+
+
+def test_the_cli_writes_the_report_of_the_block_fit(tmp_path, capsys):
+    model = tmp_path / "m.onnx"
+    onnx.save(mlp_model(["Relu"], positive=True), model)
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, feed in enumerate(positive_feeds(8)):
+        np.savez(data / f"{i:02d}.npz", **feed)
+    argv = [
+        "fuse",
+        str(model),
+        "--data",
+        str(data),
+        "--blocks",
+        "1",
+        "--no-progress",
+        "--report",
+        str(tmp_path / "r.json"),
+    ]
+    assert cli.main(argv) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert (
+        report["calibration"]["fit_method"] == "block"
+        and report["sites"][0]["reason_kind"] == "least_squares"
+    )
+    assert "replaced by its least-squares linear map" in capsys.readouterr().out
