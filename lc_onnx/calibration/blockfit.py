@@ -104,6 +104,7 @@ class Choice:
     fitted_on: str = "original"  # or "in order"
     scores: dict[str, float] = field(default_factory=dict)  # held-out score of each way of fitting
     stopped: str = ""  # why no more blocks were chosen
+    rejected: dict[str, str] = field(default_factory=dict)  # blocks not tried again, and why
     note: str = ""  # how the fits were made, when not in order
 
     def block_fits(self) -> dict[str, BlockFit]:

@@ -6,6 +6,7 @@ the two fits, fuse and verify on the held-out feeds, and say in the report what 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 
@@ -36,6 +37,7 @@ def fuse_blocks(
 ):
     """Least-squares fits of the blocks, `blocks` of them (chosen by held-out error) or as many as keep
     `budget`; returns the `FuseResult` of the verified fuse."""
+    start = time.perf_counter()
     found = blockfit.blocks(loaded, allow_growth=options.allow_growth)
     if blocks is not None and blocks > len(found):
         raise UserError(
@@ -52,7 +54,8 @@ def fuse_blocks(
             "{calib_batches}",
             params=["calib_batches"],
         )
-    measurer = Measurer(loaded, passes.held, budget, options.allow_growth, mask)
+    starts = [b.input for b in found]
+    measurer = Measurer(loaded, passes.held, budget, options.allow_growth, mask, starts)
     base = measurer.measure({})[0]
     choice = _choose(measurer, base, first, blocks, budget)
     chosen = [b for b in found if b.key in choice.order]  # graph order
@@ -71,6 +74,7 @@ def fuse_blocks(
         ),
     )  # fmt: skip
     annotate(result.report, found, first, choice)
+    result.report.calibration["seconds"] = round(time.perf_counter() - start, 2)
     return result
 
 
@@ -78,9 +82,12 @@ def _choose(
     measurer: Measurer, base, first: Mapping[str, BlockResult], count: int | None, budget: Budget
 ) -> Choice:
     """Greedy: add the block whose fit (on the original) gives the best measured model with those chosen
-    so far, until `count` are chosen, or (without `count`) while the model keeps the budget."""
+    so far, until `count` are chosen, or (without `count`) while the model keeps the budget; then a block
+    that broke the budget on its own is not tried again. Each candidate runs from the input of its first
+    replaced block on (the original's value of it fed in)."""
     within = judge(budget, base, measurer.reference_metric)
     choice = Choice(fits=dict(first))
+    graph_order = list(first)
     remaining = list(first)
     fits = {k: BlockFit(r.block.input, r.affine) for k, r in first.items()}
     while remaining and (count is None or len(choice.order) < count):
@@ -89,13 +96,22 @@ def _choose(
             break
         trials = []
         for key in remaining:
-            verification, metric, _ = measurer.measure({}, {k: fits[k] for k in [*choice.order, key]})
+            keys = sorted([*choice.order, key], key=graph_order.index)
+            verification, metric, _ = measurer.measure(
+                {}, {k: fits[k] for k in keys}, start=fits[keys[0]].input
+            )
             trials.append((score(verification, metric), key, verification, metric))
         best, key, verification, metric = min(trials, key=lambda t: t[0])
         ok, why = within(verification, metric)
         if count is None and not ok:
             choice.stopped = f"the next best, {key}, would break the budget ({why})"
             break
+        if count is None and not choice.order:  # alone outside the budget: never within it with others
+            for _, other, v, m in trials:
+                fine, reason = within(v, m)
+                if not fine:
+                    choice.rejected[other] = f"on its own it breaks the budget ({reason})"
+                    remaining.remove(other)
         choice.order.append(key)
         choice.measured[key] = best
         remaining.remove(key)
@@ -154,7 +170,8 @@ def annotate(report: Report, found: list[Block], first: Mapping[str, BlockResult
             if block.key in choice.measured:
                 entry["measured_score"] = choice.measured[block.key]
         elif site.decision == "skipped":
-            site.reason = "least-squares fit not chosen" + (f": {choice.stopped}" if choice.stopped else "")
+            why = choice.rejected.get(block.key, choice.stopped)
+            site.reason = "least-squares fit not chosen" + (f": {why}" if why else "")
             site.reason_kind = Kind.FIT_REJECTED.value
         site.extra["least_squares"] = entry
     report.calibration = {

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 
 from lc_onnx.calibration.data import Feed
 from lc_onnx.calibration.fits import Calibration
@@ -35,6 +36,8 @@ from lc_onnx.graph.verify import output_errors
 from lc_onnx.model import io, runtime
 
 log = logging.getLogger(__name__)
+
+START_CACHE_BYTES = 512 * 2**20  # the original's values of the candidates' start tensors, at most
 
 Metric = Callable[[Callable[[Feed], dict[str, np.ndarray]]], float]
 
@@ -101,7 +104,12 @@ class Measurer:
     """Runs candidate models on the held-out feeds against the original's outputs (computed once).
 
     With `mask` (the model input that marks padding), outputs whose leading dims are the mask's are
-    compared at its non-zero positions only: what a model computes at padding is read by no one."""
+    compared at its non-zero positions only: what a model computes at padding is read by no one.
+
+    `starts` are tensors where a candidate may begin to differ from the original (the inputs of the
+    blocks a fit replaces): the original's values of them are kept (up to `START_CACHE_BYTES`), and a
+    candidate measured with `start` runs only the part of the graph after that tensor, fed its original
+    value, which gives the same outputs for less."""
 
     def __init__(
         self,
@@ -110,13 +118,33 @@ class Measurer:
         budget: Budget,
         allow_growth: bool,
         mask: str | None = None,
+        starts: Sequence[str] = (),
     ):
         self.loaded, self.feeds, self.budget, self.allow_growth = loaded, list(feeds), budget, allow_growth
         self.mask = mask
         original = runtime.session(loaded.proto, base_dir=loaded.base_dir)
         self.names = [o.name for o in original.get_outputs()]
-        self.reference = [self._run(original, f) for f in self.feeds] if budget.metric is None else []
         self.reference_metric = self._metric(original) if budget.metric is not None else None
+        self.reference: list[dict[str, np.ndarray]] = []
+        self.starts: dict[str, list[np.ndarray]] = {}
+        if budget.metric is None:
+            inputs = {v.name for v in loaded.proto.graph.input}
+            self._reference(original, [name for name in starts if name not in {*self.names, *inputs}])
+
+    def _reference(self, original, starts: list[str]) -> None:
+        if starts:
+            original = runtime.session(
+                io.with_outputs(self.loaded.proto, starts), base_dir=self.loaded.base_dir
+            )
+        kept = 0
+        for feed in self.feeds:
+            values = runtime.run(original, feed, [*self.names, *starts], on="the calibration data")
+            self.reference.append(self._masked(feed, {n: values[n] for n in self.names}))
+            kept += sum(values[name].nbytes for name in starts)
+            for name in starts:
+                self.starts.setdefault(name, []).append(values[name])
+        if kept > START_CACHE_BYTES:
+            self.starts.clear()
 
     def _metric(self, session) -> float:
         value = self.budget.metric(lambda feed: runtime.run(session, feed, on="the metric's data"))
@@ -128,7 +156,9 @@ class Measurer:
             ) from None
 
     def _run(self, session, feed: Feed) -> dict[str, np.ndarray]:
-        outputs = runtime.run(session, feed, self.names, on="the calibration data")
+        return self._masked(feed, runtime.run(session, feed, self.names, on="the calibration data"))
+
+    def _masked(self, feed: Feed, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.mask is None:
             return outputs
         keep = np.asarray(feed[self.mask]) != 0
@@ -138,21 +168,31 @@ class Measurer:
         }
 
     def measure(
-        self, fits: Mapping, block_fits: Mapping | None = None
+        self, fits: Mapping, block_fits: Mapping | None = None, start: str | None = None
     ) -> tuple[Verification, float | None, list[str]]:
         """The candidate with `fits` (and `block_fits`): its output errors, its metric (with a metric
-        budget) and the nodes of the sites that collapsed."""
+        budget) and the nodes of the sites that collapsed. `start`: a tensor before which the candidate
+        equals the original (see the class docstring)."""
         rewritten = collapse_graph(
             self.loaded,
             FuseOptions(threshold=0.0, allow_growth=self.allow_growth, fits=fits, block_fits=block_fits),
         )
         collapsed = [n for s in rewritten.sites if s.decision == "collapsed" for n in s.nodes]
+        if rewritten.proto is None and self.budget.metric is None:
+            return output_errors(self.names, self.reference, self.reference), None, collapsed  # the original
         proto = rewritten.proto if rewritten.proto is not None else self.loaded.proto
+        feeds = self.feeds
+        if start in self.starts and io.start_at(proto, {start: _elem(self.starts[start][0])}):
+            feeds = [{**feed, start: value} for feed, value in zip(self.feeds, self.starts[start])]
         session = runtime.session(proto, base_dir=self.loaded.base_dir)
         if self.budget.metric is not None:
             return Verification(), self._metric(session), collapsed
-        actual = [self._run(session, f) for f in self.feeds]
+        actual = [self._run(session, f) for f in feeds]
         return output_errors(self.names, self.reference, actual), None, collapsed
+
+
+def _elem(value: np.ndarray) -> int:
+    return onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
 
 
 def judge(

@@ -170,8 +170,18 @@ def summary(report: Report) -> str:
         )
     else:
         lines.append(f"not verified: {verification.note}")
+    calibration = report.calibration
+    if calibration.get("fit_method") == "block":
+        lines.append(
+            f"least squares: {calibration['blocks']} of {calibration['candidates']} block(s) replaced, fitted "
+            f"{'in order' if calibration['fitted_on'] == 'in order' else 'on the original'} on "
+            f"{calibration['rows']:,} rows ({calibration['held_out_rows']:,} held out)"
+        )
     lines += [f"warning: {w}" for w in report.warnings]
-    lines.append(f"{report.seconds:.2f} s")
+    if "seconds" in calibration:
+        lines.append(f"{calibration['seconds']:.1f} s in all (the graph pass {report.seconds:.2f} s)")
+    else:
+        lines.append(f"{report.seconds:.2f} s")
     return "\n".join(lines)
 
 

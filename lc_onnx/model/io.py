@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,6 +159,31 @@ def keep_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> None:
     outputs = [declared.get(name) or onnx.ValueInfoProto(name=name) for name in dict.fromkeys(names)]
     del graph.output[:]
     graph.output.extend(outputs)
+
+
+def start_at(proto: onnx.ModelProto, sources: Mapping[str, int]) -> bool:
+    """Make the tensors `sources` (name -> element type) graph inputs of `proto`, in place, and drop the
+    nodes and initializers the outputs then no longer need: the graph computes only what lies after them.
+    Returns False, leaving `proto` unchanged, when one is a graph input already or a node it keeps
+    writes one of them."""
+    graph = proto.graph
+    if any(v.name in sources for v in graph.input):
+        return False
+    needed = {o.name for o in graph.output}
+    kept = []
+    for node in reversed(graph.node):
+        if any(out in needed for out in node.output):
+            kept.append(node)
+            needed.update(name for name in _reads(node) if name not in sources)
+    if any(out in sources for node in kept for out in node.output):
+        return False
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    initializers = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    graph.input.extend(onnx.helper.make_tensor_value_info(name, elem, None) for name, elem in sources.items())
+    return True
 
 
 def _reads(node: onnx.NodeProto) -> Iterator[str]:

@@ -15,6 +15,9 @@ import pytest
 import lc_onnx
 from lc_onnx import cli
 from lc_onnx.calibration import blockfit
+from lc_onnx.calibration.select import Budget, Measurer
+from lc_onnx.graph.algebra import Affine
+from lc_onnx.graph.options import BlockFit
 from lc_onnx.graph.verify import Side
 from lc_onnx.model import io
 from lc_onnx.testing import GraphBuilder, ort_outputs, rel_l2
@@ -211,3 +214,17 @@ def test_the_cli_writes_the_report_of_the_block_fit(tmp_path, capsys):
         and report["sites"][0]["reason_kind"] == "least_squares"
     )
     assert "replaced by its least-squares linear map" in capsys.readouterr().out
+
+
+def test_a_candidate_run_from_its_first_block_measures_what_the_whole_model_does():
+    loaded = io.from_proto(mlp_model(["Gelu", "Gelu", "Gelu"]))
+    found = blockfit.blocks(loaded)
+    held = normal_feeds(3, seed=5)
+    measurer = Measurer(loaded, held, Budget(), False, starts=[b.input for b in found])
+    assert set(measurer.starts) == {b.input for b in found[1:]}  # the first block reads the graph input
+    fits = {b.key: BlockFit(b.input, Affine(np.eye(D) * 0.5, np.full(D, 0.1))) for b in found[1:]}
+    whole, _, collapsed = measurer.measure({}, fits)
+    part, _, same = measurer.measure({}, fits, start=found[1].input)
+    assert collapsed == same and len(collapsed) > 0
+    assert part.outputs["out_out"].rel_l2 == pytest.approx(whole.outputs["out_out"].rel_l2, rel=1e-6)
+    assert whole.outputs["out_out"].rel_l2 > 0.01  # a real difference, measured alike both ways
