@@ -86,16 +86,18 @@ def fuse_calibrated(
     gate_given: bool = True,
     progress: bool = False,
 ):
-    """Fit (or reuse `fits`), choose the sites within the budget on held-out feeds, then fuse with the
-    chosen fits and verify on the held-out feeds.
+    """Fit, choose within the budget on held-out feeds, fuse with the chosen fits and verify on the
+    held-out feeds. Of `options`, `output`, `max_error`, `max_abs_error`, `verify`, `allow_growth` and
+    `input_shapes` are used.
 
     `fit_method` `"block"` (the default with `data` and no `fits`) replaces whole blocks by their
     least-squares linear maps (`least_squares`): `blocks` of them, the best by held-out error, or as many
-    as keep the budget; with `blocks`, `max_error` gates the result only when `gate_given`. `"channel"`
-    (the default with `fits`) fits each activation per channel, as below. `progress`: progress bars on
-    a terminal. Of `options`, `output`, `max_error`, `max_abs_error`,
-    `verify`, `allow_growth` and `input_shapes` are used. Returns the `FuseResult` whose report carries, per site,
-    `calibration: {step: {op, fit_error, estimated_error, measured_error, decision, reason}}`."""
+    as keep the budget; with `blocks`, `max_error` gates the result only when `gate_given`. The report's
+    sites then carry `least_squares` entries and the report a `calibration` summary.
+
+    `"channel"` (the default with `fits`) fits each activation per channel (or reuses `fits`); the
+    report's sites carry `calibration: {step: {op, fit_error, estimated_error, measured_error, decision,
+    reason}}`. `progress`: progress bars on a terminal for the passes over the data."""
     if (metric is None) != (max_drop is None):
         raise UserError("{metric} and {max_drop} go together", params=["metric", "max_drop"])
     max_error, max_abs_error = options.max_error, options.max_abs_error

@@ -242,14 +242,13 @@ def _held_after(passes: Passes) -> Iterator[Feed]:
 
 
 def fit_in_order(
-    loaded: io.LoadedModel,
     original: Side,
     chosen: Sequence[Block],
     first: Mapping[str, BlockResult],
     passes: Passes,
     mask: str | None,
     progress: Progress,
-    rewrite: Callable[[Mapping[str, BlockFit]], object],
+    rewrite: Callable[[Mapping[str, BlockFit]], Side],
 ) -> dict[str, BlockResult]:
     """The chosen blocks fitted again in graph order, each on the model with the earlier ones replaced
     (the first needs no new pass: nothing before it changed). `rewrite(block_fits)` gives that model."""

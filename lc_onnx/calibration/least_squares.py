@@ -143,7 +143,7 @@ def _fit_chosen(
         )
         return Side(rewritten.proto if rewritten.proto is not None else exposed.proto, loaded.base_dir)
 
-    in_order = blockfit.fit_in_order(loaded, original, chosen, first, passes, mask, bar, rewrite)
+    in_order = blockfit.fit_in_order(original, chosen, first, passes, mask, bar, rewrite)
     scores = {}
     for way, results in (("original", first), ("in order", in_order)):
         fits = {b.key: BlockFit(b.input, results[b.key].affine) for b in chosen}

@@ -129,22 +129,23 @@ class Measurer:
         self.starts: dict[str, list[np.ndarray]] = {}
         if budget.metric is None:
             inputs = {v.name for v in loaded.proto.graph.input}
-            self._reference(original, [name for name in starts if name not in {*self.names, *inputs}])
+            extra = [name for name in starts if name not in {*self.names, *inputs}]
+            if extra:  # one session at a time: the original with the start tensors as outputs too
+                del original
+                original = runtime.session(io.with_outputs(loaded.proto, extra), base_dir=loaded.base_dir)
+            self._reference(original, extra)
 
     def _reference(self, original, starts: list[str]) -> None:
-        if starts:
-            original = runtime.session(
-                io.with_outputs(self.loaded.proto, starts), base_dir=self.loaded.base_dir
-            )
         kept = 0
         for feed in self.feeds:
             values = runtime.run(original, feed, [*self.names, *starts], on="the calibration data")
             self.reference.append(self._masked(feed, {n: values[n] for n in self.names}))
             kept += sum(values[name].nbytes for name in starts)
+            if kept > START_CACHE_BYTES:  # too large to keep: candidates run whole
+                self.starts.clear()
+                starts = []
             for name in starts:
                 self.starts.setdefault(name, []).append(values[name])
-        if kept > START_CACHE_BYTES:
-            self.starts.clear()
 
     def _metric(self, session) -> float:
         value = self.budget.metric(lambda feed: runtime.run(session, feed, on="the metric's data"))
