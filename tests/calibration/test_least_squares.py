@@ -261,3 +261,28 @@ def test_a_gemm_block_keeps_its_kind():
     assert result.report.sites[0].reason_kind == "least_squares"
     # tanh is nearly linear at this scale: the fit is close, and onnxruntime measures it so
     assert 0 < result.report.verification.worst_rel_l2 < 0.01
+
+
+@pytest.mark.parametrize(
+    "feed, message",
+    [
+        ({"x": np.zeros((8, 4, D), np.float64)}, "input 'x' has dtype float64, the model expects float32"),
+        ({"x": np.zeros((8, 5, D), np.float32)}, "input 'x' has shape 8x5x8, the model expects ?x4x8"),
+        ({}, "input 'x' is missing"),
+    ],
+    ids=["dtype", "shape", "no-inputs"],
+)
+def test_bad_feeds_stop_the_block_fit_with_one_line_and_exit_2(tmp_path, capsys, feed, message):
+    model = tmp_path / "m.onnx"
+    onnx.save(mlp_model(["Gelu", "Gelu"]), model)
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(8):
+        np.savez(data / f"{i:02d}.npz", **feed)
+    before = _digest(model)
+    out = tmp_path / "out.onnx"
+    assert cli.main(["fuse", str(model), "--data", str(data), "--blocks", "1", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err, err
+    assert not out.exists() and _digest(model) == before
+    assert not [p for p in tmp_path.iterdir() if p.name not in {"m.onnx", "data"}]
