@@ -14,7 +14,7 @@ left out. How it goes:
 3. **In order:** the chosen blocks are fitted again in graph order, each on the inputs it gets in the
    model whose earlier chosen blocks are already replaced, towards a target that makes its output what
    the original's was: `L2out` itself, or, when the block's output is added to a residual `r`
-   (`Add(L2out, r)`), `L2out + r − r'` with `r'` the partly replaced model's residual. Errors of earlier
+   (`Add(L2out, r)`, or onnxruntime's `SkipLayerNormalization`), `L2out + r − r'` with `r'` the partly replaced model's residual. Errors of earlier
    fits are then corrected rather than compounded. Both versions, in order and all on the original, are
    measured on the held-out feeds and the better is used (the report says which).
 
@@ -42,7 +42,7 @@ from lc_onnx.graph.algebra import Affine
 from lc_onnx.graph.options import BlockFit
 from lc_onnx.graph.verify import Side
 from lc_onnx.model import io, runtime
-from lc_onnx.model.protos import is_default_domain
+from lc_onnx.model.protos import MS_DOMAIN, is_default_domain
 
 log = logging.getLogger(__name__)
 
@@ -141,12 +141,20 @@ def blocks(loaded: io.LoadedModel, *, allow_growth: bool = False) -> list[Block]
 
 
 def _residual(tensor: gs.Tensor) -> str | None:
-    """The other input of the one `Add` that reads `tensor`, when it is computed (not a constant)."""
+    """The tensor added to `tensor` by the one node that reads it, when computed (not a constant): the
+    other input of an `Add`, or of onnxruntime's `SkipLayerNormalization` (which adds `input + skip`)."""
     readers = list(tensor.outputs)
-    if len(readers) != 1 or readers[0].op != "Add" or not is_default_domain(readers[0].domain):
+    if len(readers) != 1:
         return None
-    others = [t for t in readers[0].inputs if t is not tensor]
-    if len(others) != 1 or not isinstance(others[0], gs.Variable):
+    reader = readers[0]
+    if reader.op == "Add" and is_default_domain(reader.domain):
+        summed = list(reader.inputs)
+    elif reader.op == "SkipLayerNormalization" and reader.domain == MS_DOMAIN:
+        summed = list(reader.inputs[:2])
+    else:
+        return None
+    others = [t for t in summed if t is not tensor]
+    if len(summed) != 2 or len(others) != 1 or not isinstance(others[0], gs.Variable):
         return None
     return others[0].name
 

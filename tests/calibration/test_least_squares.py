@@ -286,3 +286,23 @@ def test_bad_feeds_stop_the_block_fit_with_one_line_and_exit_2(tmp_path, capsys,
     assert err.count("\n") == 0 and message in err, err
     assert not out.exists() and _digest(model) == before
     assert not [p for p in tmp_path.iterdir() if p.name not in {"m.onnx", "data"}]
+
+
+@pytest.mark.parametrize("adder", ["Add", "SkipLayerNormalization"])
+def test_the_residual_is_the_other_tensor_the_block_output_is_added_to(adder):
+    g = GraphBuilder(seed=6)
+    x = g.input("x", ["N", 4, D])
+    y = g.matmul(g.node("Gelu", [g.matmul(x, D, H, name="fc1")], name="act"), H, D, name="fc2")
+    if adder == "Add":
+        out = g.node("Add", [y, x], name="residual")
+    else:
+        gamma, beta = g.init("gamma", np.ones(D)), g.init("beta", np.zeros(D))
+        g.nodes.append(onnx.helper.make_node(
+            "SkipLayerNormalization", [y, x, gamma, beta], ["sln_out"], name="sln", domain="com.microsoft"
+        ))  # fmt: skip
+        out = "sln_out"
+    g.output(out, ["N", 4, D])
+    model = g.model(opset=20)
+    model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    (block,) = blockfit.blocks(io.from_proto(model))
+    assert (block.input, block.key, block.residual) == ("x", y, "x")
