@@ -47,7 +47,12 @@ def fuse_blocks(
     original = Side(str(loaded.path)) if loaded.path is not None else Side(loaded.proto, loaded.base_dir)
     mask = blockfit.mask_input(passes.specs)
     bar = _bar if progress else _quiet
-    first = blockfit.fit_all(original, found, passes, mask, bar) if found else {}
+    if found:
+        first = blockfit.fit_all(original, found, passes, mask, bar)
+    else:  # nothing to fit: the data is still checked, and its held-out feeds verify the fuse
+        first = {}
+        for _ in passes.fit():
+            pass
     if not passes.held:
         raise UserError(
             "no held-out calibration feeds to choose and verify on: give at least 4 batches, or more than "

@@ -306,3 +306,14 @@ def test_the_residual_is_the_other_tensor_the_block_output_is_added_to(adder):
     model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     (block,) = blockfit.blocks(io.from_proto(model))
     assert (block.input, block.key, block.residual) == ("x", y, "x")
+
+
+def test_a_model_without_blocks_to_fit_is_fused_and_verified_on_the_held_out_feeds():
+    g = GraphBuilder(seed=7)
+    x = g.input("x", ["N", D])
+    g.output(g.gemm(g.prelu(g.gemm(x, D, H), 1.0), H, 4), ["N", 4])  # slope 1: exactly linear
+    feeds = [{"x": f["x"][:, 0]} for f in normal_feeds(8)]
+    result = lc_onnx.fuse(g.model(), data=feeds)
+    assert result.collapsed == 1 and result.report.sites[0].reason_kind == "exact"
+    assert result.report.verification.feeds == 2  # every 4th of the 8 feeds
+    assert result.report.calibration["candidates"] == 0 and result.report.calibration["blocks"] == 0
