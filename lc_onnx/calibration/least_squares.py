@@ -75,7 +75,7 @@ def fuse_blocks(
         source,
         replace(
             options, threshold=0.0, max_error=gate, max_abs_error=abs_gate, feeds=passes.held,
-            fits=None, block_fits=choice.block_fits(),
+            fits=None, block_fits=choice.block_fits(), padding_mask=mask,
         ),
     )  # fmt: skip
     annotate(result.report, found, first, choice)

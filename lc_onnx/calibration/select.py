@@ -32,7 +32,7 @@ from lc_onnx.graph.options import DEFAULT_MAX_ERROR, FuseOptions
 from lc_onnx.graph.pipeline import collapse_graph, site_finder
 from lc_onnx.graph.reasons import Kind, Reason
 from lc_onnx.graph.report import Verification
-from lc_onnx.graph.verify import output_errors
+from lc_onnx.graph.verify import output_errors, without_padding
 from lc_onnx.model import io, runtime
 
 log = logging.getLogger(__name__)
@@ -160,13 +160,7 @@ class Measurer:
         return self._masked(feed, runtime.run(session, feed, self.names, on="the calibration data"))
 
     def _masked(self, feed: Feed, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.mask is None:
-            return outputs
-        keep = np.asarray(feed[self.mask]) != 0
-        return {
-            name: value[keep] if value.shape[: keep.ndim] == keep.shape else value
-            for name, value in outputs.items()
-        }
+        return without_padding(feed, outputs, self.mask)
 
     def measure(
         self, fits: Mapping, block_fits: Mapping | None = None, start: str | None = None

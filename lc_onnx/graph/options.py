@@ -41,6 +41,8 @@ class FuseOptions:
         feeds: verification inputs (`{input name: array}` per run) instead of random data.
         fits: fitted per-channel affine maps `a ⊙ h + c` for activation steps, keyed by step name; these
             sites collapse with the fitted map (calibration chooses them; see `lc_onnx.calibration`).
+        padding_mask: with `feeds`, the model input whose zeros mark padding: outputs whose leading dims
+            are that input's shape are compared at its non-zero positions only.
         block_fits: fitted linear maps that replace whole sites, keyed by the output tensor of the site's
             second layer; a site collapses into its fit when its first layer reads `BlockFit.input`
             (the least-squares fits of `lc_onnx.calibration`).
@@ -56,6 +58,7 @@ class FuseOptions:
     feeds: Iterable[Mapping[str, np.ndarray]] | None = None
     fits: Mapping[str, ChannelAffine] | None = None
     block_fits: Mapping[str, BlockFit] | None = None
+    padding_mask: str | None = None
 
     def check(self) -> None:
         """Raises `UserError` for values no model can satisfy."""

@@ -201,8 +201,11 @@ def _verify(work: _Work, staged: Path | None, options: FuseOptions) -> None:
         else verify.Side(work.fused.proto, work.original.base_dir)
     )
     shapes = runtime.input_shapes(work.original.proto, options.input_shapes, exercise=True)
+    mask = options.padding_mask if work.feeds is not None else None  # random feeds mark no padding
     try:
-        comparison = verify.compare(original, fused, _feeds(work, shapes), work.rewritten.probes)
+        comparison = verify.compare(
+            original, fused, _feeds(work, shapes), work.rewritten.probes, padding_mask=mask
+        )
     except VerificationError:
         raise
     except UserError as exc:  # the original cannot run at these shapes

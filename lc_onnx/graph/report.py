@@ -60,6 +60,7 @@ class Verification:
     feeds: int = 0
     note: str = ""
     feed_shapes: dict[str, list[int]] = field(default_factory=dict)  # of the first feed
+    padding_mask: str = ""  # the input whose zeros marked positions left out of the comparison
 
     @property
     def worst_rel_l2(self) -> float:
@@ -98,6 +99,8 @@ class Verification:
         }
         if self.feed_shapes:
             data["feed_shapes"] = self.feed_shapes
+        if self.padding_mask:
+            data["padding_mask"] = self.padding_mask
         if self.note:
             data["note"] = self.note
         return data
@@ -164,6 +167,8 @@ def summary(report: Report) -> str:
     if verification.outputs:
         worst = max(verification.outputs.items(), key=lambda kv: kv[1].rel_l2)
         at = f" at {shapes_text(verification.feed_shapes)}" if verification.feed_shapes else ""
+        if verification.padding_mask:
+            at += f" (padding, {verification.padding_mask} = 0, left out)"
         lines.append(
             f"verified on {verification.feeds} feed(s){at}: worst output {worst[0]!r} "
             f"rel_l2={worst[1].rel_l2:.3g} max_abs={worst[1].max_abs:.3g}"

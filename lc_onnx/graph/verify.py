@@ -149,11 +149,27 @@ def run_all(
     return names, results
 
 
+def without_padding(
+    feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray], mask: str | None
+) -> dict[str, np.ndarray]:
+    """`outputs` at the positions where the feed's `mask` input is not 0, for the outputs whose leading
+    dims are the mask's shape (token outputs); the others, and all without a mask, as they are."""
+    if mask is None or mask not in feed:
+        return dict(outputs)
+    keep = np.asarray(feed[mask]) != 0
+    return {k: v[keep] if np.shape(v)[: keep.ndim] == keep.shape else v for k, v in outputs.items()}
+
+
 def compare(
-    original: Side, fused: Side, feeds: Sequence[Mapping[str, np.ndarray]], probes: Sequence[Probe] = ()
+    original: Side,
+    fused: Side,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    probes: Sequence[Probe] = (),
+    padding_mask: str | None = None,
 ) -> Comparison:
-    """Run both models on `feeds` and measure the differences of their outputs; run each probed site of
-    the fused model on the original's value of its input and measure its output against the original's."""
+    """Run both models on `feeds` and measure the differences of their outputs (at the positions
+    `padding_mask` keeps, see `without_padding`); run each probed site of the fused model on the
+    original's value of its input and measure its output against the original's."""
     added: list[str] = []
     tensors = [name for p in probes for name in (p.tensor, p.source)]
     probing = original.edited(lambda proto: added.extend(io.add_outputs(proto, tensors)))
@@ -163,10 +179,15 @@ def compare(
     outputs = [n for n in names if n not in added]
     if fused_names != outputs:
         raise AssertionError(f"fused model outputs {fused_names} differ from the original's {outputs}")
-    verification = output_errors(outputs, expected, actual)
+    kept = [without_padding(f, e, padding_mask) for f, e in zip(feeds, expected)]
+    verification = output_errors(
+        outputs, kept, [without_padding(f, a, padding_mask) for f, a in zip(feeds, actual)]
+    )
     verification.feed_shapes = {k: list(np.shape(v)) for k, v in feeds[0].items()} if feeds else {}
+    if padding_mask is not None and any(padding_mask in f for f in feeds):
+        verification.padding_mask = padding_mask
     errors = _site_errors(fused, feeds, expected, probes) if probes else {}
-    return Comparison(verification, errors, _input_independent(outputs, expected))
+    return Comparison(verification, errors, _input_independent(outputs, kept))
 
 
 def _site_errors(

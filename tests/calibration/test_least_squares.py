@@ -102,6 +102,12 @@ def test_padding_never_enters_a_fit():
     )
     assert entry["rows"] == real < 6 * 4 * 10  # the real tokens of the fit feeds only
     assert entry["held_out_error"] < 1e-5  # linear on real tokens: exact
+    # ... and verified where it is read: the real tokens (at padding the fused model differs).
+    verification = masked.report.verification
+    assert verification.padding_mask == "attention_mask" and verification.worst_rel_l2 < 1e-5
+    feed = token_feeds("attention_mask")[3]
+    fused, original = (ort_outputs(m, feed)[0] for m in (masked.model, token_model("attention_mask")))
+    assert rel_l2(fused, original) > 1e-2  # the padding positions
     # The same data with the mask under a name that marks no padding: the padding rows change the fit.
     unmasked = lc_onnx.fuse(token_model("segment"), data=token_feeds("segment"), blocks=1)
     other = unmasked.report.sites[0].extra["least_squares"]
