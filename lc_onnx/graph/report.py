@@ -4,7 +4,8 @@ Schema (stable keys; other tools read them):
 `{"sites": [{"nodes", "activation", "decision", "reason", "reason_kind", "params_before", "params_after",
 ...}],
 "params_before", "params_after", "macs_before", "macs_after",
-"verification": {"outputs": {name: {"max_abs", "rel_l2", "max_ref"}}, "feeds", "feed_shapes"}, "seconds"}`,
+"verification": {"outputs": {name: {"max_abs", "rel_l2", "max_ref"}}, "feeds", "feed_shapes", ["padding_mask"]},
+"seconds"}`,
 and when there is something to say, "macs_not_counted": {"before": [node], "after": [node]} (matrix-multiplying
 nodes whose shapes stayed unknown) and "warnings": [text].
 Site entries may carry more keys (`exact`, `site_error` of a collapsed site, calibration fit fields);
