@@ -7,7 +7,8 @@ Schema (stable keys; other tools read them):
 "verification": {"outputs": {name: {"max_abs", "rel_l2", "max_ref"}}, "feeds", "feed_shapes", ["padding_mask"]},
 "seconds"}`,
 and when there is something to say, "macs_not_counted": {"before": [node], "after": [node]} (matrix-multiplying
-nodes whose shapes stayed unknown) and "warnings": [text].
+nodes whose shapes stayed unknown), "warnings": [text] and "calibration": {...} (what a calibrated fuse did as a
+whole: `lc_onnx.calibration.least_squares`).
 Site entries may carry more keys (`exact`, `site_error` of a collapsed site, calibration fit fields);
 consumers must ignore unknown keys.
 """
