@@ -330,7 +330,7 @@ class Experiment:
         feeds = [{k: v for k, v in f.items() if k in names} for f in feeds]
         path = self.out / f"calibrated-{budget:g}.onnx"
         started = time.perf_counter()
-        result = lc_onnx.fuse(original, output=path, data=feeds, max_error=budget)
+        result = lc_onnx.fuse(original, output=path, data=feeds, fit_method="channel", max_error=budget)
         return {"run": f"calibration alone (budget {budget:g})", "k": None, "collapsed": result.collapsed,
                 "seconds": time.perf_counter() - started, "onnx": str(path),
                 **self.sizes(path), **self.scores(self.embed_onnx(path))}  # fmt: skip
