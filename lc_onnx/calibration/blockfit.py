@@ -208,13 +208,20 @@ def collect(
             for feed in progress(feeds, "held-out rows" if part == "held" else "fit rows"):
                 values = run_student(feed)
                 reference = run_teacher(feed) if run_teacher is not None else values
-                keep = np.asarray(feed[mask]).reshape(-1) != 0 if mask is not None else None
+                keep = np.asarray(feed[mask]) != 0 if mask is not None else None
                 for block in chosen:
                     x, y = _pair(block, values, reference, run_teacher is not None)
-                    if keep is not None and keep.size == x.shape[0]:
-                        x, y = x[keep], y[keep]
+                    if keep is not None and _token_rows(values[block.input], block.axis, keep):
+                        x, y = x[keep.reshape(-1)], y[keep.reshape(-1)]
                     getattr(sums[block.key], part).update(x, y)
     return sums
+
+
+def _token_rows(value: np.ndarray, axis: int, keep: np.ndarray) -> bool:
+    """Whether the rows of `value` are the mask's positions in its order: leading dims equal to the
+    mask's (`[B, S, d]`), or a batch-major matrix of as many rows (`[B·S, d]`)."""
+    shape = np.shape(np.moveaxis(value, axis, -1))
+    return shape[:-1] == keep.shape or (len(shape) == 2 and shape[0] == keep.size)
 
 
 def _pair(block: Block, values: Mapping, reference: Mapping, corrected: bool) -> tuple[np.ndarray, ...]:
