@@ -44,7 +44,7 @@ def fuse_blocks(
             f"{{blocks}} {blocks}: the model has {len(found)} block(s) a least-squares fit can replace",
             params=["blocks"],
         )
-    original = Side(str(loaded.path)) if loaded.path is not None else Side(loaded.proto, loaded.base_dir)
+    original = Side.of(loaded)
     mask = blockfit.mask_input(passes.specs)
     bar = _bar if progress else _quiet
     if found:

@@ -163,7 +163,7 @@ def _session(loaded: io.LoadedModel, names: Sequence[str], stack: contextlib.Exi
     """A session of the model with `names` as extra outputs; a model read from a file is run from a
     hidden copy beside it, so onnxruntime reads the weights from the files itself (given memory-mapped
     arrays it copies them)."""
-    side = Side(str(loaded.path)) if loaded.path is not None else Side(loaded.proto, loaded.base_dir)
+    side = Side.of(loaded)
     edited = stack.enter_context(side.edited(lambda proto: io.add_outputs(proto, names)))
     return runtime.session(edited.source, base_dir=edited.base_dir)
 

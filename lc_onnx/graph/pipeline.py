@@ -194,7 +194,7 @@ def _stage(work: _Work, options: FuseOptions, stack: contextlib.ExitStack) -> Pa
 def _verify(work: _Work, staged: Path | None, options: FuseOptions) -> None:
     """Run the original and the fused model on the same feeds and record what they show: the outputs'
     errors, every collapsed site's own error, and whether the check could tell anything apart."""
-    original = verify.Side(*_session_source(work.original))
+    original = verify.Side.of(work.original)
     fused = (
         verify.Side(str(staged))
         if staged is not None
@@ -436,13 +436,6 @@ def _restore_model_fields(new: onnx.ModelProto, old: onnx.ModelProto) -> None:
         new.graph.input.extend(inputs)
     del new.graph.output[:]
     new.graph.output.extend(old.graph.output)
-
-
-def _session_source(loaded: io.LoadedModel) -> tuple[str | onnx.ModelProto, Path | None]:
-    """How onnxruntime reads the original: from its file, or the proto with its tensors' directory."""
-    if loaded.path is not None:
-        return str(loaded.path), None
-    return loaded.proto, loaded.base_dir
 
 
 def _publish(staging: Path, out: Path) -> None:

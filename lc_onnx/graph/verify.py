@@ -78,6 +78,13 @@ class Side:
     source: str | bytes | onnx.ModelProto
     base_dir: str | os.PathLike | None = None
 
+    @classmethod
+    def of(cls, loaded: io.LoadedModel) -> Side:
+        """A loaded model as onnxruntime reads it: from its file, or the proto with its tensors' directory."""
+        if loaded.path is not None:
+            return cls(str(loaded.path))
+        return cls(loaded.proto, loaded.base_dir)
+
     def copy(self) -> tuple[onnx.ModelProto, str | os.PathLike | None]:
         """A proto of the model to change (large weights stay on disk) and where its tensors live."""
         if isinstance(self.source, onnx.ModelProto):
